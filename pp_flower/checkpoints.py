@@ -1,0 +1,75 @@
+"""Checkpoints that say what they hold: atomic writes, and loads that refuse the wrong kind with a clear error."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pp_flower.errors import PPFlowerError
+from pp_flower.models import UNet, build_classifier
+
+FORMAT_VERSION = 1
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file, then rename: a kill mid-write never leaves a broken checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | os.PathLike, kind: str) -> dict[str, Any]:
+    """Load a checkpoint written by pp-flower and check that it holds a ``kind`` (classifier / transform_net / …)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PPFlowerError(f"Checkpoint {path} does not exist.")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise PPFlowerError(f"Cannot read checkpoint {path}: {exc}") from exc
+    if not isinstance(blob, dict) or "kind" not in blob:
+        raise PPFlowerError(f"{path} is not a pp-flower checkpoint (no 'kind' field).")
+    if blob["kind"] != kind:
+        raise PPFlowerError(f"{path} holds a {blob['kind']} checkpoint, but a {kind} checkpoint is needed here.")
+    return blob
+
+
+def classifier_blob(model: nn.Module, arch: str, num_classes: int, **extra: Any) -> dict[str, Any]:
+    return {"kind": "classifier", "version": FORMAT_VERSION, "arch": arch, "num_classes": num_classes,
+            "state_dict": model.state_dict(), **extra}
+
+
+def load_classifier(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
+    """ψ from a ``ppflower train-classifier`` checkpoint, frozen and in eval mode."""
+    blob = load_checkpoint(path, "classifier")
+    model = build_classifier(blob["arch"], blob["num_classes"])
+    try:
+        model.load_state_dict(blob["state_dict"])
+    except RuntimeError as exc:
+        raise PPFlowerError(f"Checkpoint {path} does not fit a {blob['arch']}: {exc}") from exc
+    model.requires_grad_(False)
+    return model.eval(), blob
+
+
+def transform_blob(model: UNet, **extra: Any) -> dict[str, Any]:
+    return {"kind": "transform_net", "version": FORMAT_VERSION, "base": model.base, "depth": model.depth,
+            "state_dict": model.state_dict(), **extra}
+
+
+def load_transform_net(path: str | os.PathLike, base: int | None = None) -> tuple[UNet, dict[str, Any]]:
+    """h_θ (a U-Net) from a checkpoint; ``base`` (width) is checked when given."""
+    blob = load_checkpoint(path, "transform_net")
+    if base is not None and blob["base"] != base:
+        raise PPFlowerError(f"{path} holds a U-Net of width {blob['base']}, expected width {base}.")
+    model = UNet(base=blob["base"], depth=blob["depth"])
+    try:
+        model.load_state_dict(blob["state_dict"])
+    except RuntimeError as exc:
+        raise PPFlowerError(f"Checkpoint {path} does not fit a U-Net(base={blob['base']}): {exc}") from exc
+    return model.eval(), blob

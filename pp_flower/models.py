@@ -1,0 +1,152 @@
+"""The networks: ψ (ResNet-20, VGG16-BN, CIFAR variants) and h_θ (U-Net). All take [0, 1] images.
+
+ImageNet mean/std normalisation is the first layer of every model, as in the reference design, so callers
+never normalise by hand and protected images x̂ = h_θ(x) live in the same [0, 1] space as plain ones.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torchvision.models.vgg import cfgs as vgg_cfgs
+from torchvision.models.vgg import make_layers as vgg_make_layers
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLASSIFIERS = ("resnet20", "vgg16")
+
+
+class Normalize(nn.Module):
+    """(x − mean) / std with ImageNet statistics, as a layer."""
+
+    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+# --- ResNet-20 (He et al. 2016, Sec. 4.2: 6n+2 layers, n=3, widths 16/32/64, option-A shortcuts) ---------
+
+
+class _ShortcutA(nn.Module):
+    """Parameter-free shortcut: subsample by 2 and zero-pad the channels (He et al.'s option A)."""
+
+    def __init__(self, planes: int):
+        super().__init__()
+        self.pad = planes // 4
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = _ShortcutA(planes) if stride != 1 or in_planes != planes else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet20(nn.Module):
+    def __init__(self, num_classes: int = 10, n: int = 3):
+        super().__init__()
+        self.normalize = Normalize()
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        layers, in_planes = [], 16
+        for planes, stride in ((16, 1), (32, 2), (64, 2)):
+            for i in range(n):
+                layers.append(_BasicBlock(in_planes, planes, stride if i == 0 else 1))
+                in_planes = planes
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(64, num_classes)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(self.normalize(x))))
+        out = self.layers(out)
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return self.fc(out)
+
+
+class VGG16BN(nn.Module):
+    """VGG16 with batch norm, CIFAR variant: torchvision's 13 conv layers, then one linear layer on 512 features."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.normalize = Normalize()
+        self.features = vgg_make_layers(vgg_cfgs["D"], batch_norm=True)
+        self.classifier = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.features(self.normalize(x))
+        return self.classifier(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+def build_classifier(arch: str, num_classes: int = 10) -> nn.Module:
+    """ψ by name: ``resnet20`` or ``vgg16`` (VGG16-BN)."""
+    if arch == "resnet20":
+        return ResNet20(num_classes)
+    if arch in ("vgg16", "vgg16bn", "vgg16_bn"):
+        return VGG16BN(num_classes)
+    raise ValueError(f"Unknown classifier '{arch}' (expected one of {', '.join(CLASSIFIERS)}).")
+
+
+# --- U-Net (Ronneberger et al. 2015) as the transformation network h_θ -----------------------------------
+
+
+def _double_conv(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+    )
+
+
+class UNet(nn.Module):
+    """U-Net with widths ``base·(1, 2, 4, 8, 16)`` (the paper: base 64 → 64…1024); sigmoid output in [0, 1].
+
+    ``depth`` is the number of 2× downsamplings (4 in the paper; inputs must be divisible by 2**depth).
+    """
+
+    def __init__(self, base: int = 64, depth: int = 4, in_channels: int = 3, out_channels: int = 3):
+        super().__init__()
+        self.base, self.depth = base, depth
+        widths = [base * 2**i for i in range(depth + 1)]
+        self.normalize = Normalize()
+        self.down = nn.ModuleList([_double_conv(in_channels, widths[0])])
+        self.down.extend(_double_conv(widths[i], widths[i + 1]) for i in range(depth))
+        self.up = nn.ModuleList(
+            nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2) for i in reversed(range(depth))
+        )
+        self.up_conv = nn.ModuleList(_double_conv(2 * widths[i], widths[i]) for i in reversed(range(depth)))
+        self.head = nn.Conv2d(widths[0], out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] % 2**self.depth or x.shape[-2] % 2**self.depth:
+            raise ValueError(f"U-Net of depth {self.depth} needs H and W divisible by {2**self.depth}, got {tuple(x.shape)}")
+        skips = []
+        out = self.normalize(x)
+        for i, block in enumerate(self.down):
+            out = block(out if i == 0 else F.max_pool2d(out, 2))
+            skips.append(out)
+        skips.pop()
+        for up, conv in zip(self.up, self.up_conv):
+            out = conv(torch.cat([skips.pop(), up(out)], dim=1))
+        return torch.sigmoid(self.head(out))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
