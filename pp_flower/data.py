@@ -45,11 +45,20 @@ class ImageSet:
 
 @dataclass
 class Splits:
-    """The paper's split: train (45k) / validation (5k) from CIFAR-10's training set, test (10k)."""
+    """The paper's split: train (45k) / validation (5k) from CIFAR-10's training set, test (10k).
+
+    ``*_ids`` index the full sets (``train_all`` for train and val, ``test_all`` for test): they are the
+    sample ids the provider and users exchange instead of images or labels.
+    """
 
     train: ImageSet
     val: ImageSet
     test: ImageSet
+    train_all: ImageSet
+    test_all: ImageSet
+    train_ids: torch.Tensor
+    val_ids: torch.Tensor
+    test_ids: torch.Tensor
 
 
 def cache_dir() -> Path:
@@ -209,16 +218,14 @@ def load_splits(data_dir=None, val_fraction: float = 0.1, seed: int = 0, limit_t
     ``limit_train`` keeps the first N training images, ``limit_eval`` the first N validation and test images
     of their seeded random order (CPU-sized runs).
     """
-    train_all, test = load_datasets(data_dir)
+    train_all, test_all = load_datasets(data_dir)
     tr, va = stratified_split(train_all.labels, val_fraction, seed)
-    train, val = train_all.subset(tr), train_all.subset(va)
+    te = torch.randperm(len(test_all), generator=torch.Generator().manual_seed(seed))
     if limit_train:
-        train = train.subset(torch.arange(min(limit_train, len(train))))
+        tr = tr[:limit_train]
     if limit_eval:
-        val = val.subset(torch.arange(min(limit_eval, len(val))))
-        order = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))
-        test = test.subset(order[: min(limit_eval, len(test))])
-    return Splits(train, val, test)
+        va, te = va[:limit_eval], te[:limit_eval]
+    return Splits(train_all.subset(tr), train_all.subset(va), test_all.subset(te), train_all, test_all, tr, va, te)
 
 
 def user_shards(n_samples: int, num_users: int, partition: str = "iid", seed: int = 0) -> list[torch.Tensor]:

@@ -1,0 +1,90 @@
+"""The app's run configuration: one dataclass, defaults mirrored in pyproject's ``[tool.flwr.app.config]``.
+
+Keys are kebab-case in run configs (``alpha=0.005 batch-size=64``) and snake_case in Python.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping
+
+from pp_flower.errors import PPFlowerError
+
+
+@dataclass
+class AppConfig:
+    # --- the paper's h_θ training (Sec. III-C) ---
+    alpha: float = 0.005            # weight of the feature term in L_trans = L_class − α·L_feat
+    epochs: int = 1                 # the paper: 200
+    batch_size: int = 128
+    lr: float = 0.1                 # × 0.2 at 30/60/80 % of the epochs
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    augment: bool = True            # random crop (pad 4) + horizontal flip
+    unet_base: int = 16             # the paper: 64 (widths 64…1024); 16 fits a CPU
+    unet_depth: int = 4
+    feature_layer: int = 9          # φ = vgg16().features[:9] → relu2_2
+    seed: int = 0
+    # --- data handed out by the provider ---
+    partition: str = "iid"          # iid: disjoint shards; full: every user gets all training images
+    limit_train: int = 0            # 0 = all 45,000 training images
+    limit_eval: int = 0             # 0 = all 5,000 validation and 10,000 test images
+    eval_chunk: int = 500           # images per evaluation message
+    data_dir: str = ""              # "" = PPFLOWER_DATA_DIR or torchvision's CIFAR-10
+    vgg_weights: str = ""           # "" = PPFLOWER_VGG_WEIGHTS or torchvision's weights
+    # --- the provider ---
+    classifier: str = "runs/classifier/best.pt"
+    provider_device: str = "auto"
+    aggregate: str = "none"         # none | fedavg (average all users' h_θ every aggregate_every steps)
+    aggregate_every: int = 50
+    # --- run mechanics ---
+    run_dir: str = "runs/sim"
+    step_timeout: float = 120.0     # seconds a user may take for one message before it is dropped for that step
+    max_failures: int = 3           # consecutive failures after which a user is dropped for good
+    num_threads: int = 0            # torch threads per user process (0 = leave torch's default)
+    user_device: str = "auto"
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> "AppConfig":
+        known = {f.name: f for f in fields(cls)}
+        values = {}
+        for key, value in run_config.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise PPFlowerError(f"Unknown run-config key '{key}'. Known keys: {', '.join(cls.keys())}.")
+            typ = type(known[name].default)
+            try:
+                if typ is bool and isinstance(value, str):
+                    value = value.lower() in ("1", "true", "yes", "on")
+                values[name] = typ(value)
+            except (TypeError, ValueError) as exc:
+                raise PPFlowerError(f"Run-config key '{key}' must be {typ.__name__}, got {value!r}.") from exc
+        cfg = cls(**values)
+        cfg.check()
+        return cfg
+
+    def check(self) -> None:
+        if self.partition not in ("iid", "full"):
+            raise PPFlowerError(f"partition must be 'iid' or 'full', got '{self.partition}'.")
+        if self.aggregate not in ("none", "fedavg"):
+            raise PPFlowerError(f"aggregate must be 'none' or 'fedavg', got '{self.aggregate}'.")
+        if self.batch_size < 1 or self.epochs < 1 or self.eval_chunk < 1:
+            raise PPFlowerError("batch-size, epochs and eval-chunk must be positive.")
+
+    def to_run_config(self) -> dict[str, Any]:
+        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name.replace("_", "-") for f in fields(cls)]
+
+
+def parse_run_config(text: str) -> dict[str, Any]:
+    """``"alpha=0.005 epochs=1"`` → ``{"alpha": "0.005", "epochs": "1"}`` (values typed later by AppConfig)."""
+    out = {}
+    for item in text.split():
+        if "=" not in item:
+            raise PPFlowerError(f"Run-config item '{item}' is not key=value.")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.strip().strip('"')
+    return out

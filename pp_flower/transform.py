@@ -1,0 +1,110 @@
+"""The maths of training h_θ, shared by the split protocol (pp_flower.user) and the in-process reference.
+
+One step of the paper (Sec. III-C) minimises L_trans = L_class(ψ(h_θ(x)), y) − α·L_feat(x, h_θ(x)).
+In the split protocol the user never holds ψ or y: the provider returns g = ∂L_class/∂x̂ and the user
+back-propagates g + ∂(−α·L_feat)/∂x̂ through h_θ. Because autograd graphs cannot outlive a Flower message,
+the user recomputes the forward pass of the batch it sent (bit-identical: same θ, same input, BatchNorm in
+training mode normalises with batch statistics) and restores BatchNorm's running statistics afterwards, so
+they are updated once per step exactly as in the in-process loss.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pp_flower.data import augment, to_float
+from pp_flower.losses import class_loss, feature_loss, lr_at, transform_loss
+
+
+def make_optimizer(net: nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
+    return torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def set_lr(opt: torch.optim.Optimizer, epoch: int, epochs: int, base_lr: float) -> float:
+    lr = lr_at(epoch, epochs, base_lr)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order in which a user visits its ``n`` training images in ``epoch``."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def train_batch(images: torch.Tensor, shard_ids: torch.Tensor, step: int, steps_per_epoch: int, batch_size: int,
+                seed: int, do_augment: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sample ids, float images) of training step ``step``: a pure function, so any step can be rebuilt."""
+    epoch, k = divmod(step, steps_per_epoch)
+    order = epoch_order(len(shard_ids), seed, epoch)
+    ids = shard_ids[order[k * batch_size:(k + 1) * batch_size]]
+    batch = images[ids]
+    if do_augment:
+        batch = augment(batch, torch.Generator().manual_seed(seed * 7_919 + step))
+    return ids, to_float(batch)
+
+
+def produce(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x̂ = h_θ(x) in training mode (BatchNorm running statistics are updated here, once per step)."""
+    net.train()
+    with torch.no_grad():
+        return net(x)
+
+
+def apply_class_gradient(net: nn.Module, opt: torch.optim.Optimizer, feature_net: nn.Module, x: torch.Tensor,
+                         grad_class: torch.Tensor, alpha: float) -> float:
+    """One SGD step of h_θ from the provider's ∂L_class/∂x̂ plus the local feature term; returns L_feat.
+
+    Exactly the gradient of Eq. (6): ∂L_trans/∂θ = (∂x̂/∂θ)ᵀ (∂L_class/∂x̂ − α ∂L_feat/∂x̂).
+    """
+    net.train()
+    saved = {name: buf.clone() for name, buf in net.named_buffers()}
+    xhat = net(x)  # recomputation of the forward pass that produced the x̂ the provider saw
+    with torch.no_grad():
+        target = feature_net(x)
+    l_feat = feature_loss(feature_net(xhat), target)
+    opt.zero_grad(set_to_none=True)
+    torch.autograd.backward([xhat, -alpha * l_feat], [grad_class.to(xhat.device, xhat.dtype), None])
+    with torch.no_grad():  # BatchNorm statistics: as after the first forward (backward still needed them)
+        for name, buf in net.named_buffers():
+            buf.copy_(saved[name])
+    opt.step()
+    return l_feat.item()
+
+
+def class_gradients(classifier: nn.Module, batches: list[torch.Tensor], labels: list[torch.Tensor]
+                    ) -> tuple[list[torch.Tensor], list[float]]:
+    """The provider's side: ψ over all users' x̂ at once; returns each user's ∂L_class/∂x̂ and L_class.
+
+    ψ is in eval mode (no cross-sample coupling), and the objective is Σ_u mean-CE_u, so the gradient on
+    user u's images is exactly the gradient of u's own mean cross-entropy.
+    """
+    classifier.eval()
+    device = next(classifier.parameters()).device
+    x = torch.cat(batches).to(device).requires_grad_(True)
+    logits = classifier(x)
+    losses, start = [], 0
+    for y in labels:
+        losses.append(class_loss(logits[start:start + len(y)], y.to(device)))
+        start += len(y)
+    (grad,) = torch.autograd.grad(torch.stack(losses).sum(), x)
+    grads = list(torch.split(grad.detach().cpu(), [len(y) for y in labels]))
+    return grads, [loss.item() for loss in losses]
+
+
+def reference_step(net: nn.Module, opt: torch.optim.Optimizer, classifier: nn.Module, feature_net: nn.Module,
+                   x: torch.Tensor, y: torch.Tensor, alpha: float) -> tuple[float, float]:
+    """One in-process step of Eq. (6), computing L_trans directly — what the split protocol must equal."""
+    net.train()
+    classifier.eval()
+    xhat = net(x)
+    l_class = class_loss(classifier(xhat), y)
+    with torch.no_grad():
+        target = feature_net(x)
+    l_feat = feature_loss(feature_net(xhat), target)
+    loss = transform_loss(l_class, l_feat, alpha)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return l_class.item(), l_feat.item()

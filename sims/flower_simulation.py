@@ -1,0 +1,93 @@
+"""``flower-simulation``: the command Flower 1.42 no longer ships, as a thin wrapper over its simulation engine.
+
+    flower-simulation --app sims.main --num-supernodes 4 --run-config "alpha=0.005 epochs=1"
+
+``--app MODULE`` names a module with ``server_app`` and ``client_app`` (``MODULE:server,client`` picks
+other names). The run config is the app's defaults (pp_flower.config.AppConfig, mirrored in pyproject's
+``[tool.flwr.app.config]``) overridden by ``--run-config``, and reaches the ServerApp's context.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from pp_flower.errors import PPFlowerError
+
+console = Console()
+
+
+def simulate(server_app, client_app, num_supernodes: int, run_config: dict, num_cpus: float = 1.0,
+             num_gpus: float = 0.0, ray_address: str | None = None, verbose: bool = False) -> None:
+    """Run ``server_app`` + ``num_supernodes`` × ``client_app`` on Flower's Ray simulation engine."""
+    from flwr.app import Context, RecordDict
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.telemetry import EventType
+
+    backend_config = {"client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus},
+                      "init_args": {"address": ray_address} if ray_address else {}}
+    context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    _run_simulation(num_supernodes=num_supernodes, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+                    server_app=server_app, client_app=client_app, backend_name="ray",
+                    backend_config=backend_config, server_app_context=context, verbose_logging=verbose)
+
+
+def load_app(spec: str):
+    module_name, _, names = spec.partition(":")
+    server_name, _, client_name = (names or "server_app,client_app").partition(",")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise PPFlowerError(f"Cannot import app module '{module_name}': {exc}") from exc
+    try:
+        return getattr(module, server_name), getattr(module, client_name)
+    except AttributeError as exc:
+        raise PPFlowerError(f"'{module_name}' lacks {server_name} or {client_name}: {exc}") from exc
+
+
+def cli(
+    app: str = typer.Option("sims.main", "--app", help="Module with server_app and client_app."),
+    num_supernodes: int = typer.Option(2, "--num-supernodes", help="Number of simulated users."),
+    run_config: str = typer.Option("", "--run-config", help='Overrides, e.g. "alpha=0.005 epochs=1".'),
+    num_cpus: float = typer.Option(1.0, "--num-cpus", help="CPU cores reserved per user (Ray resources)."),
+    num_gpus: float = typer.Option(0.0, "--num-gpus", help="GPU fraction per user, e.g. 0.25."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS",
+                                              help="Attach to an existing Ray cluster (e.g. 'auto')."),
+    verbose: bool = typer.Option(False, "--verbose"),
+) -> None:
+    """Run the pp-flower app (or any Flower app module) on Flower's simulation engine."""
+    from pp_flower.config import AppConfig, parse_run_config
+
+    overrides = parse_run_config(run_config)
+    cfg = AppConfig.from_run_config(overrides)
+    server_app, client_app = load_app(app)
+    os.environ.setdefault("PPFLOWER_QUIET", "1")
+    console.print(f"[bold]flower-simulation[/] {app}: {num_supernodes} users, run dir {cfg.run_dir}")
+    simulate(server_app, client_app, num_supernodes, cfg.to_run_config(), num_cpus, num_gpus, ray_address, verbose)
+    summary = os.path.join(cfg.run_dir, "run.json")
+    if not os.path.exists(summary):
+        raise PPFlowerError(f"The simulation ended without writing {summary}; see the log above.")
+    users = json.load(open(summary))["users"]
+    for u in users:
+        test = u["test"]
+        console.print(f"user {u['index']}: test accuracy {test.get('test-accuracy', float('nan')):.4f}, "
+                      f"protected PSNR {test.get('protected-psnr', float('nan')):.2f} dB")
+
+
+def main() -> None:
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app.command()(cli)
+    try:
+        app()
+    except PPFlowerError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    main()

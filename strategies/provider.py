@@ -1,0 +1,334 @@
+"""The cloud provider as a Flower strategy: holds ψ and the labels, drives training, validation and testing.
+
+Per training step the provider (1) sends every active user the gradient of its last batch and asks for
+the next one, (2) checks each reply (shape, dtype, range, finiteness, sample ids) before any of it reaches
+ψ, (3) runs ψ once over all users' protected images together and (4) keeps each user's ∂L_class/∂x̂ for
+the next message. One round trip per SGD step; see docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+from pp_flower import protocol as P
+from pp_flower.checkpoints import load_classifier
+from pp_flower.config import AppConfig
+from pp_flower.data import load_splits, user_shards
+from pp_flower.errors import PPFlowerError
+from pp_flower.transform import class_gradients
+
+log = logging.getLogger("pp_flower.provider")
+
+MessageLog = Callable[[str, Message], None]  # ("to-user" | "to-provider", message)
+
+
+@dataclass
+class Pending:
+    step: int
+    grad: torch.Tensor
+    class_loss: float
+
+
+@dataclass(eq=False)
+class UserTrack:
+    """What the provider knows about one user."""
+
+    node_id: int
+    index: int
+    ids: dict[str, torch.Tensor]
+    applied: int = 0                 # SGD steps the user reported as applied
+    pending: Pending | None = None   # gradient not yet acknowledged by the user
+    refused: tuple[int, str] | None = None
+    failures: int = 0
+    active: bool = True
+    dropped_steps: list[tuple[int, str]] = field(default_factory=list)
+    class_losses: list[float] = field(default_factory=list)
+    final_metrics: dict = field(default_factory=dict)
+    val_metrics: list[dict] = field(default_factory=list)
+
+    def next_batch(self) -> int:
+        if self.pending is not None:
+            return self.pending.step + 1
+        if self.refused is not None:
+            return self.refused[0] + 1
+        return self.applied
+
+    def done(self, end: int) -> bool:
+        return self.pending is None and self.applied >= end
+
+
+class ProviderStrategy:
+    """The semi-trusted cloud provider of the paper's framework (Sec. III), as a Flower strategy."""
+
+    def __init__(self, cfg: AppConfig, classifier: torch.nn.Module, train_labels: torch.Tensor,
+                 ids: dict[str, torch.Tensor], image_shape: tuple[int, ...] = (3, 32, 32),
+                 message_log: MessageLog | None = None):
+        self.cfg = cfg
+        self.classifier = classifier.eval()
+        self.train_labels = train_labels
+        self.ids = ids
+        self.image_shape = image_shape
+        self.message_log = message_log
+        self.users: dict[int, UserTrack] = {}
+        self.timing = {"wait": 0.0, "provider_compute": 0.0, "steps": 0, "train_images": 0,
+                       "bytes_to_provider": 0, "bytes_to_users": 0}
+
+    @classmethod
+    def from_config(cls, cfg: AppConfig, message_log: MessageLog | None = None) -> "ProviderStrategy":
+        """Load ψ (clear error if missing or wrong) and the labels of the images the provider hands out."""
+        if not Path(cfg.classifier).is_file():
+            raise PPFlowerError(
+                f"ψ checkpoint '{cfg.classifier}' not found; train one with `ppflower train-classifier --out DIR` "
+                "and pass classifier=DIR/best.pt in the run config."
+            )
+        classifier, _ = load_classifier(cfg.classifier)
+        device = cfg.provider_device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        splits = load_splits(cfg.data_dir or None, seed=cfg.seed, limit_train=cfg.limit_train or None,
+                             limit_eval=cfg.limit_eval or None)
+        ids = {"train": splits.train_ids, "val": splits.val_ids, "test": splits.test_ids}
+        shape = tuple(splits.train_all.images.shape[1:])
+        return cls(cfg, classifier.to(device), splits.train_all.labels, ids, shape, message_log)
+
+    # --- messaging -------------------------------------------------------------------------------------
+    def exchange(self, grid: Grid, messages: list[Message], timeout: float, phase: str = "train"
+                 ) -> dict[int, Message]:
+        """Send, then collect replies with fine-grained polling (Grid.send_and_receive sleeps 100 ms)."""
+        if not messages:
+            return {}
+        for m in messages:
+            self._record("to-users", m, phase)
+        sent_to = {}
+        ids = list(grid.push_messages(messages))
+        for mid, m in zip(ids, messages):
+            sent_to[mid] = m.metadata.dst_node_id
+        replies: dict[int, Message] = {}
+        outstanding = set(ids)
+        start = time.perf_counter()
+        delay = 0.0005
+        while outstanding and time.perf_counter() - start < timeout:
+            for reply in grid.pull_messages(list(outstanding)):
+                mid = reply.metadata.reply_to_message_id
+                if mid in outstanding:
+                    outstanding.discard(mid)
+                    replies[sent_to[mid]] = reply
+                    self._record("to-provider", reply, phase)
+            if outstanding:
+                time.sleep(delay)
+                delay = min(delay * 1.5, 0.02)
+        if phase == "train":
+            self.timing["wait"] += time.perf_counter() - start
+        for mid in outstanding:
+            user = self.users[sent_to[mid]]
+            self._fail(user, f"no reply within {timeout:g} s")
+        return replies
+
+    def _record(self, direction: str, msg: Message, phase: str) -> None:
+        if msg.has_content() and phase == "train":
+            n = sum(len(a.data) for rec in msg.content.array_records.values() for a in rec.values())
+            self.timing["bytes_to_users" if direction == "to-users" else "bytes_to_provider"] += n
+        if self.message_log is not None:
+            self.message_log(direction, msg)
+
+    def _fail(self, user: UserTrack, reason: str, step: int | None = None) -> None:
+        user.failures += 1
+        user.dropped_steps.append((user.next_batch() if step is None else step, reason))
+        log.warning("user %d dropped from this step: %s", user.index, reason)
+        if user.failures >= self.cfg.max_failures:
+            user.active = False
+            log.error("user %d dropped for good after %d consecutive failures", user.index, user.failures)
+
+    def _reply_ok(self, user: UserTrack, reply: Message | None) -> bool:
+        if reply is None:
+            return False
+        if reply.has_error():
+            self._fail(user, f"ClientApp error: {reply.error.reason}")
+            return False
+        return True
+
+    def _message(self, user: UserTrack, message_type: str, control: dict, **arrays) -> Message:
+        content = P.make_content(control=control, **arrays)
+        return Message(content=content, dst_node_id=user.node_id, message_type=message_type)
+
+    # --- the run ---------------------------------------------------------------------------------------
+    def run(self, grid: Grid) -> dict:
+        started = time.time()
+        self.setup(grid)
+        for epoch in range(self.cfg.epochs):
+            self.train_epoch(grid, epoch)
+            for user, metrics in self.evaluate(grid, "val").items():
+                user.val_metrics.append(metrics)
+                log.info("epoch %d user %d: val L_trans %.4f", epoch + 1, user.index, metrics["val-transform-loss"])
+        for user, metrics in self.evaluate(grid, "test").items():
+            user.final_metrics = metrics
+            log.info("user %d: test accuracy %.4f, protected PSNR %.2f dB", user.index, metrics["test-accuracy"],
+                     metrics["protected-psnr"])
+        summary = self.summary(time.time() - started)
+        out = Path(self.cfg.run_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "run.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    def setup(self, grid: Grid) -> None:
+        nodes = sorted(grid.get_node_ids())
+        if not nodes:
+            raise PPFlowerError("No users (SuperNodes) are connected.")
+        shards = user_shards(len(self.ids["train"]), len(nodes), self.cfg.partition, self.cfg.seed)
+        min_shard = min(len(s) for s in shards)
+        if min_shard == 0:
+            raise PPFlowerError(f"{len(nodes)} users but only {len(self.ids['train'])} training images.")
+        self.steps_per_epoch = math.ceil(min_shard / self.cfg.batch_size)
+        messages = []
+        for index, (node, shard) in enumerate(zip(nodes, shards)):
+            ids = {"train": self.ids["train"][shard], "val": self.ids["val"], "test": self.ids["test"]}
+            user = UserTrack(node, index, ids)
+            self.users[node] = user
+            config = {**self.cfg.to_run_config(), "user-index": index, "steps-per-epoch": self.steps_per_epoch,
+                      "out-dir": str(Path(self.cfg.run_dir) / f"user-{index}")}
+            config.pop("classifier")  # where ψ lives is the provider's business
+            content = P.make_content(config=config, ids=ids)
+            messages.append(Message(content=content, dst_node_id=node, message_type=P.SETUP))
+        replies = self.exchange(grid, messages, max(self.cfg.step_timeout, 600.0), "setup")
+        for node, user in self.users.items():
+            if not self._reply_ok(user, replies.get(node)):
+                user.active = False
+                log.error("user %d failed its setup and takes no part in this run", user.index)
+        if not any(u.active for u in self.users.values()):
+            raise PPFlowerError("Every user failed its setup; see the log above.")
+        log.info("%d users, %d steps per epoch, batch %d", len(nodes), self.steps_per_epoch, self.cfg.batch_size)
+
+    def train_epoch(self, grid: Grid, epoch: int) -> None:
+        end = (epoch + 1) * self.steps_per_epoch
+        while True:
+            todo = [u for u in self.users.values() if u.active and not u.done(end)]
+            if not todo:
+                return
+            messages = []
+            for user in todo:
+                want = user.next_batch()
+                control = {"grad-step": user.pending.step if user.pending else P.NONE,
+                           "want": want if want < end else P.NONE}
+                if user.refused is not None:
+                    control.update({"refused-step": user.refused[0], "reason": user.refused[1]})
+                grad = {"grad": user.pending.grad} if user.pending else None
+                messages.append(self._message(user, P.STEP, control, **{P.GRAD: grad}))
+            replies = self.exchange(grid, messages, self.cfg.step_timeout)
+            submissions = []
+            for user in todo:
+                reply = replies.get(user.node_id)
+                if not self._reply_ok(user, reply):
+                    continue
+                expected = user.next_batch()
+                try:
+                    control = reply.content.config_records[P.CONTROL]
+                    user.applied = int(control["step"])
+                except (KeyError, TypeError, ValueError):
+                    self._fail(user, "reply refused: control record missing or malformed")
+                    continue
+                if user.pending is not None and user.applied > user.pending.step:
+                    user.pending = None
+                if user.refused is not None and user.applied > user.refused[0]:
+                    user.refused = None
+                try:
+                    sub = P.validate_submission(reply, user.ids["train"], self.image_shape, self.cfg.batch_size)
+                    if sub is not None and sub.batch != expected:
+                        raise P.ProtocolError(f"sent batch {sub.batch}, expected batch {expected}")
+                except P.ProtocolError as exc:
+                    user.refused = (expected, str(exc))
+                    self._fail(user, f"reply refused: {exc}", expected)
+                    continue
+                if sub is None and not user.done(end):
+                    self._fail(user, f"no progress (user at step {user.applied}, provider expects batch {expected})")
+                    continue
+                user.failures = 0
+                if sub is not None:
+                    submissions.append((user, sub))
+            if submissions:
+                t0 = time.perf_counter()
+                labels = [self.train_labels[s.ids] for _, s in submissions]
+                grads, losses = class_gradients(self.classifier, [s.xhat for _, s in submissions], labels)
+                for (user, sub), g, loss in zip(submissions, grads, losses):
+                    user.pending = Pending(sub.batch, g, loss)
+                    user.class_losses.append(loss)
+                    self.timing["train_images"] += len(sub.ids)
+                self.timing["provider_compute"] += time.perf_counter() - t0
+            self.timing["steps"] += 1
+
+    def evaluate(self, grid: Grid, phase: str) -> dict[UserTrack, dict]:
+        """Validation (ψ's per-sample cross-entropy back) or test (ψ's predicted labels back), chunk by chunk."""
+        chunk = self.cfg.eval_chunk
+        progress = {u.node_id: 0 for u in self.users.values() if u.active}
+        results: dict[int, dict | None] = {n: None for n in progress}
+        done: dict[UserTrack, dict] = {}
+        while progress:
+            messages = []
+            for node, k in progress.items():
+                user = self.users[node]
+                n_chunks = math.ceil(len(user.ids[phase]) / chunk)
+                control = {"phase": phase, "want": k if k < n_chunks else P.NONE, "result-chunk": k - 1}
+                messages.append(self._message(user, P.EVAL, control, **{P.RESULT: results[node]}))
+            replies = self.exchange(grid, messages, self.cfg.step_timeout, phase)
+            batch = []
+            for node in list(progress):
+                user = self.users[node]
+                reply = replies.get(node)
+                if not self._reply_ok(user, reply):
+                    if not user.active:
+                        progress.pop(node)
+                    continue
+                try:
+                    sub = P.validate_submission(reply, user.ids[phase], self.image_shape, chunk)
+                except P.ProtocolError as exc:
+                    self._fail(user, f"{phase} reply refused: {exc}")
+                    if not user.active:
+                        progress.pop(node)
+                    continue
+                user.failures = 0
+                if sub is None:  # the user has all results and answered with its metrics
+                    done[user] = dict(reply.content.metric_records.get(P.METRICS, {}))
+                    progress.pop(node)
+                else:
+                    batch.append((user, sub))
+            if batch:
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    device = next(self.classifier.parameters()).device
+                    logits = self.classifier(torch.cat([s.xhat for _, s in batch]).to(device)).cpu()
+                start = 0
+                for user, sub in batch:
+                    part = logits[start:start + len(sub.ids)]
+                    start += len(sub.ids)
+                    if phase == "val":
+                        ce = torch.nn.functional.cross_entropy(part, self.train_labels[sub.ids], reduction="none")
+                        results[user.node_id] = {"ce": ce.float()}
+                    else:
+                        results[user.node_id] = {"pred": part.argmax(1)}
+                    progress[user.node_id] += 1
+                self.timing["provider_compute"] += time.perf_counter() - t0
+        return done
+
+    def summary(self, wall: float) -> dict:
+        t = self.timing
+        return {
+            "config": self.cfg.to_run_config(),
+            "wall_seconds": wall,
+            "steps_per_epoch": self.steps_per_epoch,
+            "timing": {**t, "bytes_per_train_image": (t["bytes_to_provider"] + t["bytes_to_users"])
+                       / max(t["train_images"], 1)},
+            "users": [{"index": u.index, "node_id": u.node_id, "active": u.active, "steps_applied": u.applied,
+                       "dropped_steps": u.dropped_steps, "train_class_loss_curve": u.class_losses,
+                       "val": u.val_metrics, "test": u.final_metrics}
+                      for u in sorted(self.users.values(), key=lambda u: u.index)],
+        }
+
