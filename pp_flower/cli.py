@@ -18,6 +18,7 @@ app = typer.Typer(
          "classifier ψ on Flower, and measure how well it protects images.",
 )
 console = Console()
+err_console = Console(stderr=True, soft_wrap=True)
 
 DataDir = typer.Option(None, "--data-dir", envvar="PPFLOWER_DATA_DIR",
                        help="ImageFolder tree with train/ and test/; unset = download CIFAR-10 via torchvision.")
@@ -45,6 +46,7 @@ def train_classifier_cmd(
     batch_size: int = typer.Option(128, "--batch-size"),
     lr: float = typer.Option(0.1),
     seed: int = typer.Option(0),
+    checkpoint_every: int = typer.Option(10, "--checkpoint-every", help="Steps between resume checkpoints."),
     out: Path = typer.Option(Path("runs/classifier"), "--out", help="Output dir: last.pt, best.pt, metrics.json."),
     data_dir: Optional[Path] = DataDir,
     device: str = Device,
@@ -57,7 +59,8 @@ def train_classifier_cmd(
     if model not in CLASSIFIERS:
         raise PPFlowerError(f"--model must be one of {', '.join(CLASSIFIERS)}, got '{model}'.")
     splits = load_splits(data_dir, seed=seed, limit_train=limit_train, limit_eval=limit_eval)
-    cfg = ClassifierConfig(arch=model, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+    cfg = ClassifierConfig(arch=model, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                           checkpoint_every=checkpoint_every)
     metrics = train_classifier(splits, out, cfg, device=resolve_device(device), log=console.print)
     console.print(f"[bold green]ψ ({model}) test accuracy: {metrics['test_accuracy']:.4f}[/]")
 
@@ -79,7 +82,7 @@ def main() -> None:
     try:
         app()
     except PPFlowerError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
+        err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted — rerun the same command to resume.[/]")

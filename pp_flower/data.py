@@ -91,7 +91,8 @@ def _list_image_folder(root: Path) -> tuple[list[Path], list[int], tuple[str, ..
 
 
 def _decode_files(files: list[Path], desc: str) -> torch.Tensor:
-    from torchvision.io import ImageReadMode, decode_image, read_file
+    import numpy as np
+    from torchvision.datasets.folder import pil_loader  # what ImageFolder itself decodes with
 
     from pp_flower.progress import track
 
@@ -99,7 +100,7 @@ def _decode_files(files: list[Path], desc: str) -> torch.Tensor:
     shape = None
     for f in track(files, desc):
         try:
-            img = decode_image(read_file(str(f)), mode=ImageReadMode.RGB)
+            img = torch.from_numpy(np.array(pil_loader(str(f)))).permute(2, 0, 1)
         except Exception as exc:  # noqa: BLE001 - any decoder failure is a data problem
             raise PPFlowerError(f"Cannot decode image {f}: {exc}") from exc
         if shape is None:
@@ -148,7 +149,7 @@ def _folder_key(root: Path) -> str:
     for sub in sorted(p for p in root.iterdir() if p.is_dir()):
         st = sub.stat()
         h.update(f"{sub.name}\0{st.st_mtime_ns}\0{sum(1 for _ in os.scandir(sub))}\n".encode())
-    return f"imagefolder-{h.hexdigest()[:20]}"
+    return f"imagefolder-v2-{h.hexdigest()[:20]}"
 
 
 def load_image_folder(root: Path) -> ImageSet:

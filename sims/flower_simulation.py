@@ -20,6 +20,7 @@ from rich.console import Console
 from pp_flower.errors import PPFlowerError
 
 console = Console()
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def simulate(server_app, client_app, num_supernodes: int, run_config: dict, num_cpus: float = 1.0,
@@ -85,7 +86,7 @@ def main() -> None:
     try:
         app()
     except PPFlowerError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise SystemExit(2)
 
 

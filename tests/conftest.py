@@ -1,0 +1,61 @@
+"""Shared fixtures. Real data and φ weights come from ../shared (or PPFLOWER_DATA_DIR / PPFLOWER_VGG_WEIGHTS)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+os.environ.setdefault("PPFLOWER_QUIET", "1")
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+if not os.environ.get("PPFLOWER_DATA_DIR") and (SHARED / "data" / "cifar10-jpeg").is_dir():
+    os.environ["PPFLOWER_DATA_DIR"] = str(SHARED / "data" / "cifar10-jpeg")
+if not os.environ.get("PPFLOWER_VGG_WEIGHTS") and (SHARED / "weights" / "vgg16_imagenet_features_0-15.pth").is_file():
+    os.environ["PPFLOWER_VGG_WEIGHTS"] = str(SHARED / "weights" / "vgg16_imagenet_features_0-15.pth")
+
+
+def _require(var: str) -> str:
+    value = os.environ.get(var)
+    if not value or not Path(value).exists():
+        pytest.fail(f"{var} is not set to an existing path; the tests need the real CIFAR-10 images and VGG16 weights "
+                    "(../shared has both).")
+    return value
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> str:
+    return _require("PPFLOWER_DATA_DIR")
+
+
+@pytest.fixture(scope="session")
+def vgg_weights() -> str:
+    return _require("PPFLOWER_VGG_WEIGHTS")
+
+
+@pytest.fixture(scope="session")
+def splits(data_dir):
+    from pp_flower.data import load_splits
+
+    return load_splits(data_dir)
+
+
+@pytest.fixture(scope="session")
+def classifier_ckpt(tmp_path_factory, splits) -> Path:
+    """A small ψ (ResNet-20) trained briefly on real images — enough for gradients to carry signal."""
+    from pp_flower.classifier import ClassifierConfig, train_classifier
+    from pp_flower.data import load_splits
+
+    out = tmp_path_factory.mktemp("classifier")
+    small = load_splits(os.environ["PPFLOWER_DATA_DIR"], limit_train=512, limit_eval=200)
+    train_classifier(small, out, ClassifierConfig(epochs=1, batch_size=64), log=lambda *a: None)
+    return out / "best.pt"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
