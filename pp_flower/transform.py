@@ -17,6 +17,19 @@ from pp_flower.data import augment, to_float
 from pp_flower.losses import class_loss, feature_loss, lr_at, transform_loss
 
 
+def user_seed(seed: int, user_index: int) -> int:
+    """Each user's own seed (h_θ's initialisation, batch order, augmentation)."""
+    return seed * 1_000 + user_index
+
+
+def init_transform_net(base: int, depth: int, seed: int, user_index: int):
+    """h_θ at step 0 for a user: a U-Net initialised from the user's seed."""
+    from pp_flower.models import UNet
+
+    torch.manual_seed(user_seed(seed, user_index))
+    return UNet(base, depth)
+
+
 def make_optimizer(net: nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
     return torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
 

@@ -23,7 +23,8 @@ from pp_flower.features import load_feature_net
 from pp_flower.losses import feature_loss
 from pp_flower.metrics import psnr, ssim, summary
 from pp_flower.models import UNet
-from pp_flower.transform import apply_class_gradient, make_optimizer, produce, set_lr, train_batch
+from pp_flower.transform import (apply_class_gradient, init_transform_net, make_optimizer, produce, set_lr,
+                                 train_batch, user_seed)
 
 log = logging.getLogger("pp_flower.user")
 
@@ -80,8 +81,7 @@ class User:
             if key in ("data-dir", "vgg-weights", "user-device", "num-threads"):
                 meta[key] = value
         meta["out-dir"] = str(context.node_config.get("out-dir", meta["out-dir"]))
-        torch.manual_seed(cfg.seed * 1_000 + int(meta["user-index"]))
-        net = UNet(cfg.unet_base, cfg.unet_depth)
+        net = init_transform_net(cfg.unet_base, cfg.unet_depth, cfg.seed, int(meta["user-index"]))
         state = context.state
         state[S_CONFIG] = ConfigRecord(meta)
         state[S_IDS] = ArrayRecord({k: P.tensor_array(v) for k, v in P.get_tensors(content, P.IDS).items()})
@@ -121,7 +121,7 @@ class User:
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         images, _ = self.images("train")
         ids, x = train_batch(images, self.ids["train"], step, self.steps_per_epoch, self.cfg.batch_size,
-                             self.cfg.seed * 1_000 + self.index, self.cfg.augment)
+                             user_seed(self.cfg.seed, self.index), self.cfg.augment)
         return ids, x.to(self.device)
 
     # --- training --------------------------------------------------------------------------------------

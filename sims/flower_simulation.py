@@ -67,6 +67,10 @@ def cli(
     overrides = parse_run_config(run_config)
     cfg = AppConfig.from_run_config(overrides)
     server_app, client_app = load_app(app)
+    if app.split(":")[0] == "sims.main":
+        from strategies.provider import preflight
+
+        preflight(cfg)  # a missing ψ, data set or φ ends here, before any round starts
     os.environ.setdefault("PPFLOWER_QUIET", "1")
     console.print(f"[bold]flower-simulation[/] {app}: {num_supernodes} users, run dir {cfg.run_dir}")
     simulate(server_app, client_app, num_supernodes, cfg.to_run_config(), num_cpus, num_gpus, ray_address, verbose)

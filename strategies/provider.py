@@ -67,6 +67,21 @@ class UserTrack:
         return self.pending is None and self.applied >= end
 
 
+def preflight(cfg: AppConfig) -> None:
+    """Fail fast with a clear error when ψ's checkpoint, the images or φ's weights are not usable."""
+    from pp_flower.data import load_datasets
+    from pp_flower.features import load_feature_net
+
+    if not Path(cfg.classifier).is_file():
+        raise PPFlowerError(
+            f"ψ checkpoint '{cfg.classifier}' not found; train one with `ppflower train-classifier --out DIR` "
+            "and pass classifier=DIR/best.pt in the run config."
+        )
+    load_classifier(cfg.classifier)
+    load_datasets(cfg.data_dir or None)
+    load_feature_net(cfg.vgg_weights or None, cfg.feature_layer)
+
+
 class ProviderStrategy:
     """The semi-trusted cloud provider of the paper's framework (Sec. III), as a Flower strategy."""
 

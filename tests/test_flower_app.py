@@ -1,0 +1,161 @@
+"""The Flower app end to end on Flower's simulation engine (Ray), at tiny sizes on real CIFAR-10 images."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pp_flower.checkpoints import load_classifier, load_transform_net
+from pp_flower.config import AppConfig
+from pp_flower.features import load_feature_net
+from pp_flower.reference import train_in_process
+from sims.flower_simulation import simulate
+from tests import privacy
+
+TINY = {"limit-train": 48, "batch-size": 16, "unet-base": 4, "unet-depth": 2, "limit-eval": 20, "eval-chunk": 10,
+        "alpha": 0.01, "lr": 0.05, "num-threads": 1}
+
+
+def _config(tmp_path, classifier_ckpt, **overrides):
+    cfg = {**TINY, "classifier": str(classifier_ckpt), "run-dir": str(tmp_path / "run"), **overrides}
+    return AppConfig.from_run_config(cfg).to_run_config()
+
+
+def test_flower_steps_equal_in_process_steps(tmp_path, classifier_ckpt, splits, vgg_weights):
+    """k = 6 SGD steps (2 epochs × 3) of h_θ through the Flower app equal the in-process L_trans loop."""
+    from sims.main import client_app, server_app
+
+    run_config = _config(tmp_path, classifier_ckpt, epochs=2, augment=False)
+    simulate(server_app, client_app, 1, run_config)
+    flower_net, blob = load_transform_net(tmp_path / "run" / "user-0" / "final.pt")
+    cfg = AppConfig.from_run_config(run_config)
+    classifier, _ = load_classifier(classifier_ckpt)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the user process (num-threads=1): same float summation order
+    try:
+        ref_net, _ = train_in_process(cfg, classifier, load_feature_net(vgg_weights), splits.train_all.images,
+                                      splits.train_all.labels, splits.train_ids[:48], steps_per_epoch=3)
+    finally:
+        torch.set_num_threads(threads)
+    ref, got = ref_net.state_dict(), flower_net.state_dict()
+    params = [name for name, _ in ref_net.named_parameters()]
+    worst = max((got[k] - ref[k]).abs().max().item() for k in params)
+    assert worst < 1e-5, worst
+    for name in set(ref) - set(params):  # BatchNorm statistics (running_var can be large: relative)
+        assert torch.allclose(got[name].double(), ref[name].double(), rtol=1e-5, atol=1e-6), name
+    assert got["down.0.1.num_batches_tracked"].item() == 6  # updated once per step, not twice
+    from pp_flower.transform import init_transform_net
+
+    start = init_transform_net(4, 2, cfg.seed, 0).state_dict()
+    assert max((ref[k] - start[k]).abs().max().item() for k in params) > 1e-3  # training really moved θ
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["users"][0]["steps_applied"] == 6 and run["users"][0]["dropped_steps"] == []
+
+
+def test_privacy_audit_on_every_message(tmp_path, classifier_ckpt, splits):
+    """Record every message of a 2-user run; check contents, not record names."""
+    from sims.main import client_app, make_server_app
+
+    log = []
+    simulate(make_server_app(lambda direction, msg: log.append((direction, msg))), client_app, 2,
+             _config(tmp_path, classifier_ckpt, epochs=1))
+    to_provider = [m for d, m in log if d == "to-provider"]
+    to_users = [m for d, m in log if d == "to-users"]
+    types = {m.metadata.message_type for m in to_users}
+    assert types == {"query.setup", "train.step", "evaluate.chunk"}
+    assert len(to_provider) == len(to_users) > 10
+
+    handed_out = torch.cat([splits.train_ids[:48], splits.val_ids[:20]])
+    plain = torch.cat([splits.train_all.images[handed_out], splits.test_all.images[splits.test_ids[:20]]])
+    labels_of = {int(i): int(splits.train_all.labels[i]) for i in handed_out}
+    labels_of.update({int(i): int(splits.test_all.labels[i]) for i in splits.test_ids[:20]})
+    psi = load_classifier(classifier_ckpt)[0].state_dict()
+    n_images = 0
+    for msg in to_provider:
+        assert not msg.has_error()
+        assert privacy.plain_image_hits(msg, plain) == []
+        assert privacy.label_hits(msg, labels_of) == []
+        n_images += sum(a.shape[0] for _, a in privacy.arrays(msg) if len(a.shape) == 4)
+    assert n_images >= 48 + 2 * 40  # the audit really saw protected training, validation and test images
+    for msg in to_users:
+        assert privacy.parameter_hits(msg, psi) == []
+    # outputs of the run, per user
+    for k in (0, 1):
+        user_dir = tmp_path / "run" / f"user-{k}"
+        metrics = json.loads((user_dir / "metrics.json").read_text())
+        assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["n_test"] == 20
+        assert len(metrics["val_transform_loss_curve"]) == 1
+        assert metrics["protected_psnr"]["mean"] < 30
+        assert (user_dir / "best.pt").exists() and (user_dir / "fig5_alpha0.01.png").stat().st_size > 1000
+
+
+def test_audit_checks_can_fail(splits, classifier_ckpt):
+    """Positive controls: the audit's checks flag a plain image, a label vector and a ψ tensor."""
+    from flwr.app import Message
+
+    from pp_flower import protocol as P
+
+    ids = splits.train_ids[:8]
+    plain = splits.train_all.images[ids]
+    leaky = P.make_content(control={"step": 0, "batch": 0},
+                           protected={"xhat": plain.float() / 255, "ids": ids, "y": splits.train_all.labels[ids]})
+    msg = Message(content=leaky, dst_node_id=1, message_type="train.step")
+    assert privacy.plain_image_hits(msg, plain) == ["xhat"]
+    assert privacy.label_hits(msg, {int(i): int(splits.train_all.labels[i]) for i in ids}) == ["y"]
+    psi = load_classifier(classifier_ckpt)[0].state_dict()
+    leak = P.make_content(grad={"grad": torch.cat([torch.rand(10), psi["fc.weight"].flatten()])})
+    assert privacy.parameter_hits(Message(content=leak, dst_node_id=1, message_type="train.step"), psi) == [
+        "fc.weight"]
+
+
+def test_faulty_user_is_dropped_for_a_step_and_malformed_reply_refused(tmp_path, classifier_ckpt):
+    import ray.cloudpickle
+
+    from sims.main import server_app
+    from tests import faulty_app
+
+    ray.cloudpickle.register_pickle_by_value(faulty_app)  # Ray workers get the module by value
+    simulate(server_app, faulty_app.app, 2, _config(tmp_path, classifier_ckpt, **{"limit-train": 96}))
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    user0, user1 = run["users"]
+    assert any("injected failure" in reason for _, reason in user1["dropped_steps"])
+    assert any("NaN" in reason and step == 1 for step, reason in user0["dropped_steps"])
+    for user in (user0, user1):  # both rejoin and finish every step; both are tested
+        assert user["active"] and user["steps_applied"] == 3
+        assert 0.0 <= user["test"]["test-accuracy"] <= 1.0
+
+
+def _flower_simulation(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "sims.flower_simulation", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONPATH": os.getcwd()})
+
+
+def test_flower_simulation_cli_writes_outputs(tmp_path, classifier_ckpt):
+    rc = " ".join(f"{k}={v}" for k, v in {**TINY, "classifier": classifier_ckpt, "run-dir": tmp_path / "cli"}.items())
+    proc = _flower_simulation("--app", "sims.main", "--num-supernodes", "2", "--run-config", rc)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "user 1: test accuracy" in proc.stdout
+    for k in (0, 1):
+        d = tmp_path / "cli" / f"user-{k}"
+        assert {"best.pt", "final.pt", "metrics.json", "fig5_alpha0.01.png"} <= {p.name for p in d.iterdir()}
+    run = json.loads((tmp_path / "cli" / "run.json").read_text())
+    assert run["timing"]["train_images"] == 48 and run["timing"]["bytes_per_train_image"] > 0
+
+
+def test_missing_classifier_is_a_clear_error_before_any_round(tmp_path):
+    proc = _flower_simulation("--run-config", f"classifier={tmp_path}/none.pt run-dir={tmp_path}/r", timeout=120)
+    assert proc.returncode == 2
+    assert "ψ checkpoint" in proc.stderr and "not found" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_unknown_run_config_key_is_refused():
+    from pp_flower.errors import PPFlowerError
+
+    with pytest.raises(PPFlowerError, match="Unknown run-config key 'alpah'"):
+        AppConfig.from_run_config({"alpah": 0.1})
