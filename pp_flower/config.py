@@ -35,6 +35,7 @@ class AppConfig:
     # --- the provider ---
     classifier: str = "runs/classifier/best.pt"
     provider_device: str = "auto"
+    provider_microbatch: int = -1   # images per ψ pass: -1 = auto (128 on CPU, all at once on GPU), 0 = all
     aggregate: str = "none"         # none | fedavg (average all users' h_θ every aggregate_every steps)
     aggregate_every: int = 50
     # --- run mechanics ---

@@ -148,5 +148,14 @@ class UNet(nn.Module):
         return torch.sigmoid(self.head(out))
 
 
+def unet_from_state_dict(state_dict: dict[str, torch.Tensor], base: int, depth: int) -> UNet:
+    """A U-Net holding ``state_dict``, built on the meta device so no time goes into a random initialisation."""
+    with torch.device("meta"):
+        net = UNet(base, depth)
+    net.load_state_dict(state_dict, assign=True)
+    net.normalize = Normalize()  # its constants are not part of state dicts
+    return net
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from pp_flower.data import augment, to_float
 from pp_flower.losses import class_loss, feature_loss, lr_at, transform_loss
@@ -86,24 +87,34 @@ def apply_class_gradient(net: nn.Module, opt: torch.optim.Optimizer, feature_net
     return l_feat.item()
 
 
-def class_gradients(classifier: nn.Module, batches: list[torch.Tensor], labels: list[torch.Tensor]
-                    ) -> tuple[list[torch.Tensor], list[float]]:
-    """The provider's side: ψ over all users' x̂ at once; returns each user's ∂L_class/∂x̂ and L_class.
+def class_gradients(classifier: nn.Module, batches: list[torch.Tensor], labels: list[torch.Tensor],
+                    microbatch: int = 0) -> tuple[list[torch.Tensor], list[float]]:
+    """The provider's side: ψ over all users' x̂ together; returns each user's ∂L_class/∂x̂ and L_class.
 
-    ψ is in eval mode (no cross-sample coupling), and the objective is Σ_u mean-CE_u, so the gradient on
-    user u's images is exactly the gradient of u's own mean cross-entropy.
+    ψ is in eval mode (no coupling between samples) and the objective is Σ_u mean-CE_u, i.e. per-sample
+    cross-entropies weighted by 1/n_u, so the gradient on user u's images is exactly the gradient of u's own
+    mean cross-entropy. ``microbatch`` > 0 splits the pass into chunks of that many images — identical
+    results, and faster on CPUs, where one huge batch falls out of cache (see BENCHMARKS.md).
     """
     classifier.eval()
     device = next(classifier.parameters()).device
-    x = torch.cat(batches).to(device).requires_grad_(True)
-    logits = classifier(x)
-    losses, start = [], 0
-    for y in labels:
-        losses.append(class_loss(logits[start:start + len(y)], y.to(device)))
-        start += len(y)
-    (grad,) = torch.autograd.grad(torch.stack(losses).sum(), x)
-    grads = list(torch.split(grad.detach().cpu(), [len(y) for y in labels]))
-    return grads, [loss.item() for loss in losses]
+    x_all = torch.cat(batches).to(device)
+    y_all = torch.cat(labels).to(device)
+    owner = torch.cat([torch.full((len(y),), u) for u, y in enumerate(labels)]).to(device)
+    weight = torch.tensor([1.0 / len(y) for y in labels], device=device)[owner]
+    grads, per_sample = [], []
+    size = microbatch if microbatch > 0 else len(x_all)
+    for start in range(0, len(x_all), size):
+        x = x_all[start:start + size].requires_grad_(True)
+        ce = F.cross_entropy(classifier(x), y_all[start:start + size], reduction="none")
+        (g,) = torch.autograd.grad((ce * weight[start:start + size]).sum(), x)
+        grads.append(g.detach())
+        per_sample.append(ce.detach())
+    grad = torch.cat(grads).cpu()
+    ce_all = torch.cat(per_sample).cpu()
+    sizes = [len(y) for y in labels]
+    losses = [part.mean().item() for part in torch.split(ce_all, sizes)]
+    return list(torch.split(grad, sizes)), losses
 
 
 def reference_step(net: nn.Module, opt: torch.optim.Optimizer, classifier: nn.Module, feature_net: nn.Module,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ from pp_flower.data import load_datasets, to_float
 from pp_flower.features import load_feature_net
 from pp_flower.losses import feature_loss
 from pp_flower.metrics import psnr, ssim, summary
-from pp_flower.models import UNet
+from pp_flower.models import UNet, unet_from_state_dict
 from pp_flower.transform import (apply_class_gradient, init_transform_net, make_optimizer, produce, set_lr,
                                  train_batch, user_seed)
 
@@ -37,6 +38,10 @@ def _device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return name
+
+
+def _restore_unet(cfg: AppConfig, record: ArrayRecord, device: str) -> UNet:
+    return unet_from_state_dict(record.to_torch_state_dict(), cfg.unet_base, cfg.unet_depth).to(device)
 
 
 class User:
@@ -57,9 +62,7 @@ class User:
         self.context = context
         self.ids = {k: P.array_tensor(a) for k, a in state.array_records[S_IDS].items()}
         self.progress = dict(state.config_records[S_PROGRESS])
-        self.net = UNet(self.cfg.unet_base, self.cfg.unet_depth)
-        self.net.load_state_dict(state.array_records[S_NET].to_torch_state_dict())
-        self.net.to(self.device)
+        self.net = _restore_unet(self.cfg, state.array_records[S_NET], self.device)
         self.opt = make_optimizer(self.net, self.cfg.lr, self.cfg.momentum, self.cfg.weight_decay)
         if S_OPT in state.array_records:
             buffers = state.array_records[S_OPT].to_torch_state_dict()
@@ -127,6 +130,7 @@ class User:
     # --- training --------------------------------------------------------------------------------------
     def step(self, msg: Message) -> dict:
         """Apply the provider's gradient for the pending batch (if any), then produce the wanted batch."""
+        started = time.perf_counter()
         control = msg.content.config_records[P.CONTROL]
         grad_step, want = int(control["grad-step"]), int(control["want"])
         refused = int(control.get("refused-step", P.NONE))
@@ -164,14 +168,13 @@ class User:
         if int(control.get("send-weights", 0)):
             reply["weights"] = {k: v.cpu() for k, v in self.net.state_dict().items()}
         self.save()
+        reply["metrics"] = {"compute-seconds": time.perf_counter() - started}
         return reply
 
     # --- evaluation ------------------------------------------------------------------------------------
     def _eval_net(self, phase: str) -> UNet:
         if phase == "test" and S_BEST in self.context.state.array_records:
-            net = UNet(self.cfg.unet_base, self.cfg.unet_depth)
-            net.load_state_dict(self.context.state.array_records[S_BEST].to_torch_state_dict())
-            return net.to(self.device).eval()
+            return _restore_unet(self.cfg, self.context.state.array_records[S_BEST], self.device).eval()
         return self.net.eval()
 
     def evaluate(self, msg: Message) -> dict:
@@ -180,9 +183,7 @@ class User:
         phase, want, result_chunk = str(control["phase"]), int(control["want"]), int(control["result-chunk"])
         ids_all = self.ids[phase]
         state = self.context.state
-        acc = P.get_tensors(state, S_EVAL) if S_EVAL in state.array_records else {}
-        if result_chunk == 0 or not acc:
-            acc = {}
+        acc = P.get_tensors(state, S_EVAL) if want != 0 and S_EVAL in state.array_records else {}
         result = P.get_tensors(msg.content, P.RESULT)
         if result:
             for key, value in result.items():

@@ -21,10 +21,11 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from pp_flower import protocol as P
-from pp_flower.checkpoints import load_classifier
+from pp_flower.checkpoints import load_classifier, save_atomic, transform_blob
 from pp_flower.config import AppConfig
 from pp_flower.data import load_splits, user_shards
 from pp_flower.errors import PPFlowerError
+from pp_flower.models import UNet
 from pp_flower.transform import class_gradients
 
 log = logging.getLogger("pp_flower.provider")
@@ -95,8 +96,15 @@ class ProviderStrategy:
         self.image_shape = image_shape
         self.message_log = message_log
         self.users: dict[int, UserTrack] = {}
-        self.timing = {"wait": 0.0, "provider_compute": 0.0, "steps": 0, "train_images": 0,
-                       "bytes_to_provider": 0, "bytes_to_users": 0}
+        self.public_weights: dict[str, torch.Tensor] | None = None
+        self.rounds: list[dict] = []
+        self.microbatch = cfg.provider_microbatch
+        if self.microbatch < 0:
+            on_gpu = next(classifier.parameters()).device.type == "cuda"
+            self.microbatch = 0 if on_gpu else 128  # per training round: wall seconds and images trained
+        self.timing = {"train_seconds": 0.0, "wait": 0.0, "user_compute_critical": 0.0, "user_compute_total": 0.0,
+                       "provider_compute": 0.0, "steps": 0, "train_images": 0, "bytes_to_provider": 0,
+                       "bytes_to_users": 0}
 
     @classmethod
     def from_config(cls, cfg: AppConfig, message_log: MessageLog | None = None) -> "ProviderStrategy":
@@ -141,7 +149,7 @@ class ProviderStrategy:
                     self._record("to-provider", reply, phase)
             if outstanding:
                 time.sleep(delay)
-                delay = min(delay * 1.5, 0.02)
+                delay = min(delay * 1.5, 0.005)
         if phase == "train":
             self.timing["wait"] += time.perf_counter() - start
         for mid in outstanding:
@@ -224,11 +232,25 @@ class ProviderStrategy:
         log.info("%d users, %d steps per epoch, batch %d", len(nodes), self.steps_per_epoch, self.cfg.batch_size)
 
     def train_epoch(self, grid: Grid, epoch: int) -> None:
+        started = time.perf_counter()
+        try:
+            self._train_epoch(grid, epoch)
+        finally:
+            self.timing["train_seconds"] += time.perf_counter() - started
+
+    def _train_epoch(self, grid: Grid, epoch: int) -> None:
         end = (epoch + 1) * self.steps_per_epoch
+        fedavg = self.cfg.aggregate == "fedavg"
+        rounds_since_average = 0
         while True:
             todo = [u for u in self.users.values() if u.active and not u.done(end)]
+            if fedavg and (not todo or rounds_since_average >= self.cfg.aggregate_every):
+                self.average(grid)
+                rounds_since_average = 0
             if not todo:
                 return
+            rounds_since_average += 1
+            round_start = time.perf_counter()
             messages = []
             for user in todo:
                 want = user.next_batch()
@@ -239,6 +261,10 @@ class ProviderStrategy:
                 grad = {"grad": user.pending.grad} if user.pending else None
                 messages.append(self._message(user, P.STEP, control, **{P.GRAD: grad}))
             replies = self.exchange(grid, messages, self.cfg.step_timeout)
+            computes = [float(r.content.metric_records[P.METRICS].get("compute-seconds", 0.0))
+                        for r in replies.values() if not r.has_error() and P.METRICS in r.content.metric_records]
+            self.timing["user_compute_critical"] += max(computes, default=0.0)
+            self.timing["user_compute_total"] += sum(computes)
             submissions = []
             for user in todo:
                 reply = replies.get(user.node_id)
@@ -272,13 +298,57 @@ class ProviderStrategy:
             if submissions:
                 t0 = time.perf_counter()
                 labels = [self.train_labels[s.ids] for _, s in submissions]
-                grads, losses = class_gradients(self.classifier, [s.xhat for _, s in submissions], labels)
+                grads, losses = class_gradients(self.classifier, [s.xhat for _, s in submissions], labels,
+                                                self.microbatch)
                 for (user, sub), g, loss in zip(submissions, grads, losses):
                     user.pending = Pending(sub.batch, g, loss)
                     user.class_losses.append(loss)
                     self.timing["train_images"] += len(sub.ids)
                 self.timing["provider_compute"] += time.perf_counter() - t0
             self.timing["steps"] += 1
+            self.rounds.append({"seconds": time.perf_counter() - round_start,
+                                "images": sum(len(s.ids) for _, s in submissions)})
+
+    def average(self, grid: Grid) -> None:
+        """FedAvg of the users' h_θ (weighted by shard size) into one public h_θ, sent back to every user.
+
+        Users first apply their pending gradient and send their weights; then every user adopts the average.
+        SGD momentum stays with each user. h_θ is public by design, so its weights may travel.
+        """
+        users = [u for u in self.users.values() if u.active]
+        messages = []
+        for user in users:
+            control = {"grad-step": user.pending.step if user.pending else P.NONE, "want": P.NONE, "send-weights": 1}
+            messages.append(self._message(user, P.STEP, control,
+                                          **{P.GRAD: {"grad": user.pending.grad} if user.pending else None}))
+        replies = self.exchange(grid, messages, self.cfg.step_timeout, "average")
+        states, sizes = [], []
+        for user in users:
+            reply = replies.get(user.node_id)
+            if not self._reply_ok(user, reply) or P.WEIGHTS not in reply.content.array_records:
+                continue
+            user.applied = int(reply.content.config_records[P.CONTROL]["step"])
+            if user.pending is not None and user.applied > user.pending.step:
+                user.pending = None
+            states.append(reply.content.array_records[P.WEIGHTS].to_torch_state_dict())
+            sizes.append(len(user.ids["train"]))
+        if not states:
+            return
+        share = torch.tensor(sizes, dtype=torch.float64) / sum(sizes)
+        average = {}
+        for key, ref in states[0].items():
+            mean = sum(w * st[key].double() for w, st in zip(share, states))
+            average[key] = mean.round().to(ref.dtype) if not ref.is_floating_point() else mean.to(ref.dtype)
+        self.public_weights = average
+        messages = [self._message(u, P.STEP, {"grad-step": P.NONE, "want": P.NONE}, **{P.WEIGHTS: average})
+                    for u in users if u.pending is None]
+        for node, reply in self.exchange(grid, messages, self.cfg.step_timeout, "average").items():
+            self._reply_ok(self.users[node], reply)
+        net = UNet(self.cfg.unet_base, self.cfg.unet_depth)
+        net.load_state_dict(average)
+        save_atomic(transform_blob(net, alpha=self.cfg.alpha, aggregate="fedavg"),
+                    Path(self.cfg.run_dir) / "public_transform_net.pt")
+        log.info("FedAvg of %d users' h_θ → %s", len(states), Path(self.cfg.run_dir) / "public_transform_net.pt")
 
     def evaluate(self, grid: Grid, phase: str) -> dict[UserTrack, dict]:
         """Validation (ψ's per-sample cross-entropy back) or test (ψ's predicted labels back), chunk by chunk."""
@@ -341,6 +411,7 @@ class ProviderStrategy:
             "steps_per_epoch": self.steps_per_epoch,
             "timing": {**t, "bytes_per_train_image": (t["bytes_to_provider"] + t["bytes_to_users"])
                        / max(t["train_images"], 1)},
+            "rounds": self.rounds,
             "users": [{"index": u.index, "node_id": u.node_id, "active": u.active, "steps_applied": u.applied,
                        "dropped_steps": u.dropped_steps, "train_class_loss_curve": u.class_losses,
                        "val": u.val_metrics, "test": u.final_metrics}

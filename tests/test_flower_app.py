@@ -56,6 +56,28 @@ def test_flower_steps_equal_in_process_steps(tmp_path, classifier_ckpt, splits, 
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["users"][0]["steps_applied"] == 6 and run["users"][0]["dropped_steps"] == []
 
+    # validation and test through the protocol equal the same quantities computed in-process
+    from pp_flower.data import to_float
+    from pp_flower.losses import class_loss, feature_loss
+    from pp_flower.metrics import psnr
+
+    phi = load_feature_net(vgg_weights)
+    x_val = to_float(splits.train_all.images[splits.val_ids[:20]])
+    with torch.no_grad():
+        ref_net.eval()
+        xhat = ref_net(x_val)
+        expected = class_loss(classifier(xhat), splits.train_all.labels[splits.val_ids[:20]]) \
+            - cfg.alpha * feature_loss(phi(xhat), phi(x_val))
+    assert run["users"][0]["val"][-1]["val-transform-loss"] == pytest.approx(expected.item(), rel=1e-4, abs=1e-5)
+    best, _ = load_transform_net(tmp_path / "run" / "user-0" / "best.pt")
+    x_test = to_float(splits.test_all.images[splits.test_ids[:20]])
+    with torch.no_grad():
+        protected = best(x_test)
+        accuracy = (classifier(protected).argmax(1) == splits.test_all.labels[splits.test_ids[:20]]).double().mean()
+    metrics = json.loads((tmp_path / "run" / "user-0" / "metrics.json").read_text())
+    assert metrics["test_accuracy"] == pytest.approx(accuracy.item())
+    assert metrics["protected_psnr"]["mean"] == pytest.approx(psnr(protected, x_test).mean().item(), rel=1e-4)
+
 
 def test_privacy_audit_on_every_message(tmp_path, classifier_ckpt, splits):
     """Record every message of a 2-user run; check contents, not record names."""
@@ -159,3 +181,27 @@ def test_unknown_run_config_key_is_refused():
 
     with pytest.raises(PPFlowerError, match="Unknown run-config key 'alpah'"):
         AppConfig.from_run_config({"alpah": 0.1})
+
+
+def test_fedavg_gives_every_user_the_public_transform_net(tmp_path, classifier_ckpt):
+    from sims.main import client_app, server_app
+
+    simulate(server_app, client_app, 2, _config(tmp_path, classifier_ckpt, aggregate="fedavg",
+                                                **{"aggregate-every": 2, "limit-train": 64}))
+    public, _ = load_transform_net(tmp_path / "run" / "public_transform_net.pt")
+    users = [load_transform_net(tmp_path / "run" / f"user-{k}" / "final.pt")[0] for k in (0, 1)]
+    for name, value in public.state_dict().items():
+        for user in users:
+            assert torch.equal(user.state_dict()[name], value), name
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert all(u["steps_applied"] == 2 and not u["dropped_steps"] for u in run["users"])
+
+
+def test_pyproject_run_config_mirrors_app_defaults():
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    flwr = pyproject["tool"]["flwr"]["app"]
+    assert flwr["components"] == {"serverapp": "sims.main:server_app", "clientapp": "sims.main:client_app"}
+    assert flwr["config"] == AppConfig().to_run_config()

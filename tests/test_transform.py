@@ -1,5 +1,6 @@
 """The maths of the split protocol, without Flower: it must equal the in-process loss exactly."""
 
+import pytest
 import torch
 
 from pp_flower.features import load_feature_net
@@ -26,6 +27,17 @@ def test_batched_psi_gives_each_user_its_own_gradient():
         (own_grad,) = torch.autograd.grad(own, x)
         assert torch.allclose(g, own_grad, rtol=1e-4, atol=1e-6)  # float32 summation order only
         assert abs(loss - own.item()) < 1e-6
+
+
+def test_microbatched_psi_pass_is_the_same():
+    clf, _ = _nets()
+    xs = [torch.rand(5, 3, 32, 32), torch.rand(7, 3, 32, 32)]
+    ys = [torch.randint(0, 10, (5,)), torch.randint(0, 10, (7,))]
+    whole, l1 = class_gradients(clf, xs, ys)
+    chunked, l2 = class_gradients(clf, xs, ys, microbatch=4)
+    for a, b in zip(whole, chunked):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+    assert l1 == pytest.approx(l2, rel=1e-5)
 
 
 def test_split_steps_equal_in_process_steps(vgg_weights):
