@@ -66,6 +66,66 @@ def train_classifier_cmd(
 
 
 @app.command()
+def attack(
+    transform: Optional[Path] = typer.Option(None, "--transform", help="A user's h_θ checkpoint (best.pt) to attack."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="A finished simulation: attack every user's best.pt."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output dir (default: RUN_DIR/attack or runs/attack)."),
+    epochs: int = typer.Option(200, help="Attacker epochs (the paper: 200, lr ×0.2 at 30/60/80 %)."),
+    batch_size: int = typer.Option(128, "--batch-size"),
+    lr: float = typer.Option(0.1),
+    unet_base: int = typer.Option(16, "--unet-base", help="Attacker U-Net width (the paper: 64)."),
+    unet_depth: int = typer.Option(4, "--unet-depth"),
+    strong: bool = typer.Option(False, "--strong", help="Also run the stronger attacker (MSE + VGG feature loss)."),
+    perceptual_weight: float = typer.Option(1e-4, "--perceptual-weight", help="Feature-loss weight of --strong."),
+    limit_train: Optional[int] = typer.Option(None, "--limit-train", help="Attacker's training pairs (default 45,000)."),
+    limit_eval: Optional[int] = typer.Option(None, "--limit-eval", help="Validation/test images (default 5,000/10,000)."),
+    data_dir: Optional[Path] = DataDir,
+    vgg_weights: Optional[Path] = VggWeights,
+    device: str = Device,
+):
+    """ITN-Attack: train an inverse network on pairs (h_θ(x), x) and measure how much of x comes back (PSNR, SSIM)."""
+    from pp_flower.evaluation import attack_targets
+
+    if vgg_weights:
+        import os
+
+        os.environ["PPFLOWER_VGG_WEIGHTS"] = str(vgg_weights)
+    from pp_flower.attack import AttackConfig
+
+    cfg = AttackConfig(epochs=epochs, batch_size=batch_size, lr=lr, unet_base=unet_base, unet_depth=unet_depth)
+    attack_targets(transform=transform, run_dir=run_dir, out=out, cfg=cfg, strong=strong,
+                   perceptual_weight=perceptual_weight, data_dir=data_dir, limit_train=limit_train,
+                   limit_eval=limit_eval, device=resolve_device(device), log=console.print)
+
+
+@app.command()
+def protect(
+    transform: Path = typer.Option(..., "--transform", help="h_θ checkpoint (a user's best.pt)."),
+    input_dir: Path = typer.Argument(..., help="Folder of plain PNG/JPEG images."),
+    output_dir: Path = typer.Argument(..., help="Where the protected PNGs go (same file names, .png)."),
+    device: str = Device,
+):
+    """Step (4): turn a folder of plain images into protected images x̂ = h_θ(x) to send to the provider."""
+    from pp_flower.evaluation import protect_folder
+
+    n = protect_folder(transform, input_dir, output_dir, resolve_device(device))
+    console.print(f"[green]{n} protected images → {output_dir}[/]")
+
+
+@app.command()
+def classify(
+    classifier: Path = typer.Option(..., "--classifier", help="The provider's ψ checkpoint."),
+    input_dir: Path = typer.Argument(..., help="Folder of protected PNG images (from `ppflower protect`)."),
+    device: str = Device,
+):
+    """Step (5): the provider's ψ labels protected images; prints one line per image."""
+    from pp_flower.evaluation import classify_folder
+
+    for name, label in classify_folder(classifier, input_dir, resolve_device(device)):
+        typer.echo(f"{name}\t{label}")
+
+
+@app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Where the demo writes everything."),
     data_dir: Optional[Path] = DataDir,

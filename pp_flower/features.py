@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from torchvision.models import VGG16_Weights, vgg16
+from torchvision.models.vgg import cfgs, make_layers
 
 from pp_flower.errors import PPFlowerError
 from pp_flower.models import Normalize
@@ -62,7 +63,7 @@ def load_feature_net(weights: str | os.PathLike | None = None, layer: int = RELU
     key = (str(path), layer, str(device))
     if key in _CACHE:
         return _CACHE[key]
-    features = vgg16(weights=None).features[:layer]
+    features = make_layers(cfgs["D"])[:layer]  # = vgg16().features[:layer], without building the classifier
     if path is None:
         state = _torchvision_state_dict()
     else:

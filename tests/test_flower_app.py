@@ -79,13 +79,9 @@ def test_flower_steps_equal_in_process_steps(tmp_path, classifier_ckpt, splits, 
     assert metrics["protected_psnr"]["mean"] == pytest.approx(psnr(protected, x_test).mean().item(), rel=1e-4)
 
 
-def test_privacy_audit_on_every_message(tmp_path, classifier_ckpt, splits):
-    """Record every message of a 2-user run; check contents, not record names."""
-    from sims.main import client_app, make_server_app
-
-    log = []
-    simulate(make_server_app(lambda direction, msg: log.append((direction, msg))), client_app, 2,
-             _config(tmp_path, classifier_ckpt, epochs=1))
+def test_privacy_audit_on_every_message(two_user_run, splits, classifier_ckpt):
+    """Every message of a 2-user run was recorded (conftest.two_user_run); check contents, not record names."""
+    log, run_dir = two_user_run
     to_provider = [m for d, m in log if d == "to-provider"]
     to_users = [m for d, m in log if d == "to-users"]
     types = {m.metadata.message_type for m in to_users}
@@ -108,7 +104,7 @@ def test_privacy_audit_on_every_message(tmp_path, classifier_ckpt, splits):
         assert privacy.parameter_hits(msg, psi) == []
     # outputs of the run, per user
     for k in (0, 1):
-        user_dir = tmp_path / "run" / f"user-{k}"
+        user_dir = run_dir / f"user-{k}"
         metrics = json.loads((user_dir / "metrics.json").read_text())
         assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["n_test"] == 20
         assert len(metrics["val_transform_loss_curve"]) == 1

@@ -1,0 +1,113 @@
+"""The user journey and audits as functions behind the CLI: attack targets, protect a folder, classify a folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from pp_flower.checkpoints import load_classifier, load_transform_net
+from pp_flower.errors import PPFlowerError
+from pp_flower.progress import track
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def _images_in(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise PPFlowerError(f"Image folder {folder} does not exist.")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise PPFlowerError(f"{folder} holds no PNG or JPEG images.")
+    return files
+
+
+def _read(path: Path) -> torch.Tensor:
+    import numpy as np
+    from torchvision.datasets.folder import pil_loader
+
+    try:
+        return torch.from_numpy(np.array(pil_loader(str(path)))).permute(2, 0, 1).float().div(255)
+    except Exception as exc:  # noqa: BLE001
+        raise PPFlowerError(f"Cannot read image {path}: {exc}") from exc
+
+
+def protect_folder(transform: Path, input_dir: Path, output_dir: Path, device: str = "cpu") -> int:
+    """Write h_θ(x) as PNG for every image in ``input_dir``; images h_θ cannot take are refused up front."""
+    from torchvision.utils import save_image
+
+    net, _ = load_transform_net(transform)
+    net = net.to(device).eval()
+    files = _images_in(input_dir)
+    multiple = 2**net.depth
+    images = [(f, _read(f)) for f in files]
+    bad = [f"{f.name} ({x.shape[2]}×{x.shape[1]})" for f, x in images if x.shape[1] % multiple or x.shape[2] % multiple]
+    if bad:
+        raise PPFlowerError(f"h_θ (U-Net depth {net.depth}) needs width and height divisible by {multiple}; "
+                            f"refused: {', '.join(bad[:10])}{' …' if len(bad) > 10 else ''}. Nothing was written.")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        for f, x in track(images, "Protecting"):
+            save_image(net(x[None].to(device))[0].cpu(), output_dir / f"{f.stem}.png")
+    return len(images)
+
+
+def classify_folder(classifier: Path, input_dir: Path, device: str = "cpu") -> list[tuple[str, str]]:
+    """ψ's predicted class for every (protected) image in ``input_dir``."""
+    from pp_flower.data import CIFAR10_CLASSES
+
+    model, blob = load_classifier(classifier)
+    model = model.to(device)
+    classes = blob.get("classes") or list(CIFAR10_CLASSES)
+    out = []
+    with torch.no_grad():
+        for f in track(_images_in(input_dir), "Classifying"):
+            out.append((f.name, classes[model(_read(f)[None].to(device)).argmax(1).item()]))
+    return out
+
+
+def attack_targets(transform=None, run_dir=None, out=None, cfg=None, strong=False, perceptual_weight=1e-4,
+                   data_dir=None, limit_train=None, limit_eval=None, device="cpu", log=print) -> dict:
+    """ITN-Attack every target (one checkpoint, or every user of a run); box plot and summary over all of them."""
+    from dataclasses import replace
+
+    from pp_flower.attack import AttackConfig, network_target, train_attack
+    from pp_flower.data import load_splits
+    from pp_flower.report import save_psnr_boxplot
+
+    cfg = cfg or AttackConfig()
+    targets: dict[str, Path] = {}
+    if transform is not None:
+        targets[Path(transform).parent.name or "transform"] = Path(transform)
+    if run_dir is not None:
+        run_dir = Path(run_dir)
+        if not run_dir.is_dir():
+            raise PPFlowerError(f"Run directory {run_dir} does not exist.")
+        users = sorted(run_dir.glob("user-*/best.pt"))
+        if not users:
+            raise PPFlowerError(f"{run_dir} holds no user-*/best.pt; is it a finished `flower-simulation` run dir?")
+        targets.update({p.parent.name: p for p in users})
+    if not targets:
+        raise PPFlowerError("Nothing to attack: give --transform PATH or --run-dir PATH.")
+    nets = {name: load_transform_net(path)[0] for name, path in targets.items()}  # wrong kinds fail here, early
+    out = Path(out) if out else (Path(run_dir) / "attack" if run_dir else Path("runs/attack"))
+    splits = load_splits(data_dir, limit_train=limit_train, limit_eval=limit_eval)
+    attackers = {"ITN": cfg}
+    if strong:
+        attackers["ITN+feat"] = replace(cfg, perceptual=perceptual_weight)
+    results, boxes = {}, {}
+    for name, net in nets.items():
+        target = network_target(net, device)
+        for attacker, acfg in attackers.items():
+            tag = f"{name}-{attacker}"
+            results[tag] = train_attack(target, splits, out / tag, acfg, device, name=f"{name} ({attacker})", log=log)
+            if attacker == "ITN":
+                boxes[f"{name}\nprotected"] = results[tag]["per_image"]["psnr_protected"]
+            boxes[f"{name}\n{attacker} estimate"] = results[tag]["per_image"]["psnr_estimated"]
+    save_psnr_boxplot(boxes, out / "fig7_psnr_boxplot.png", title="PSNR to the plain test images (higher = more leaked)")
+    summary = {tag: {k: r[k] for k in ("psnr_estimated", "psnr_protected", "ssim_estimated", "ssim_protected")}
+               for tag, r in results.items()}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    log(f"attack results → {out}/summary.json, box plot → {out}/fig7_psnr_boxplot.png")
+    return summary
