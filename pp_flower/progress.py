@@ -30,3 +30,27 @@ def track(items: Iterable[T], desc: str, total: int | None = None) -> Iterator[T
         for item in items:
             yield item
             progress.advance(task)
+
+
+class Bar:
+    """A progress bar advanced by hand (for loops that are not a simple iteration); no-op when quiet."""
+
+    def __init__(self, desc: str, total: int | None):
+        self.progress = None if quiet() else Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), TimeRemainingColumn())
+        self.desc, self.total = desc, total
+
+    def __enter__(self) -> "Bar":
+        if self.progress is not None:
+            self.progress.start()
+            self.task = self.progress.add_task(self.desc, total=self.total)
+        return self
+
+    def advance(self, n: int = 1) -> None:
+        if self.progress is not None:
+            self.progress.advance(self.task, n)
+
+    def __exit__(self, *exc) -> None:
+        if self.progress is not None:
+            self.progress.stop()

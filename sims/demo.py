@@ -52,7 +52,6 @@ def run_demo(out: Path, data_dir=None, vgg_weights=None, device: str = "cpu", lo
         from sims.main import client_app, server_app
 
         preflight(cfg)
-        os.environ.setdefault("PPFLOWER_QUIET", "1")
         simulate(server_app, client_app, 2, cfg.to_run_config(), num_cpus=1.0)
     run = json.loads((sim_dir / "run.json").read_text())
 

@@ -71,6 +71,7 @@ def simulate(server_app, client_app, num_supernodes: int, run_config: dict, num_
     from flwr.supercore.telemetry import EventType
 
     install_event_driven_dispatch()
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # keep Ray's GPU env handling quiet
     backend_config = {"client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus},
                       "init_args": {"address": ray_address} if ray_address else {}}
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
@@ -112,7 +113,6 @@ def cli(
         from strategies.provider import preflight
 
         preflight(cfg)  # a missing ψ, data set or φ ends here, before any round starts
-    os.environ.setdefault("PPFLOWER_QUIET", "1")
     console.print(f"[bold]flower-simulation[/] {app}: {num_supernodes} users, run dir {cfg.run_dir}")
     simulate(server_app, client_app, num_supernodes, cfg.to_run_config(), num_cpus, num_gpus, ray_address, verbose)
     summary = os.path.join(cfg.run_dir, "run.json")

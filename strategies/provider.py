@@ -26,6 +26,7 @@ from pp_flower.config import AppConfig
 from pp_flower.data import load_splits, user_shards
 from pp_flower.errors import PPFlowerError
 from pp_flower.models import UNet
+from pp_flower.progress import Bar
 from pp_flower.transform import class_gradients
 
 log = logging.getLogger("pp_flower.provider")
@@ -96,6 +97,7 @@ class ProviderStrategy:
         self.image_shape = image_shape
         self.message_log = message_log
         self.users: dict[int, UserTrack] = {}
+        self.bar = Bar("", None)
         self.public_weights: dict[str, torch.Tensor] | None = None
         self.rounds: list[dict] = []
         self.microbatch = cfg.provider_microbatch
@@ -188,11 +190,10 @@ class ProviderStrategy:
     def run(self, grid: Grid) -> dict:
         started = time.time()
         self.setup(grid)
-        for epoch in range(self.cfg.epochs):
-            self.train_epoch(grid, epoch)
-            for user, metrics in self.evaluate(grid, "val").items():
-                user.val_metrics.append(metrics)
-                log.info("epoch %d user %d: val L_trans %.4f", epoch + 1, user.index, metrics["val-transform-loss"])
+        total = self.cfg.epochs * self.steps_per_epoch * len(self.users)
+        with Bar(f"h_θ steps of {len(self.users)} users", total) as self.bar:
+            for epoch in range(self.cfg.epochs):
+                self._epoch(grid, epoch)
         for user, metrics in self.evaluate(grid, "test").items():
             user.final_metrics = metrics
             log.info("user %d: test accuracy %.4f, protected PSNR %.2f dB", user.index, metrics["test-accuracy"],
@@ -230,6 +231,12 @@ class ProviderStrategy:
         if not any(u.active for u in self.users.values()):
             raise PPFlowerError("Every user failed its setup; see the log above.")
         log.info("%d users, %d steps per epoch, batch %d", len(nodes), self.steps_per_epoch, self.cfg.batch_size)
+
+    def _epoch(self, grid: Grid, epoch: int) -> None:
+        self.train_epoch(grid, epoch)
+        for user, metrics in self.evaluate(grid, "val").items():
+            user.val_metrics.append(metrics)
+            log.info("epoch %d user %d: val L_trans %.4f", epoch + 1, user.index, metrics["val-transform-loss"])
 
     def train_epoch(self, grid: Grid, epoch: int) -> None:
         started = time.perf_counter()
@@ -304,6 +311,7 @@ class ProviderStrategy:
                     user.pending = Pending(sub.batch, g, loss)
                     user.class_losses.append(loss)
                     self.timing["train_images"] += len(sub.ids)
+                self.bar.advance(len(submissions))
                 self.timing["provider_compute"] += time.perf_counter() - t0
             self.timing["steps"] += 1
             self.rounds.append({"seconds": time.perf_counter() - round_start,
