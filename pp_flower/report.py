@@ -25,7 +25,7 @@ def save_pairs_grid(rows: list[torch.Tensor], row_labels: list[str], path: str |
         grid = make_grid(images.clamp(0, 1), nrow=n, padding=2, pad_value=1.0)
         ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
         ax.set_yticks([])
-        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
+        ax.set_title(label, loc="left", fontsize=9)
         if captions and captions[i]:
             w = images.shape[-1] + 2
             ax.set_xticks([2 + w * j + images.shape[-1] / 2 for j in range(len(captions[i]))])

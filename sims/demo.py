@@ -30,7 +30,7 @@ def run_demo(out: Path, data_dir=None, vgg_weights=None, device: str = "cpu", lo
 
     out = Path(out)
     clf_dir = out / "classifier"
-    log(f"[bold]1/3[/] provider trains ψ (ResNet-20, {CLASSIFIER['epochs']} epochs on {CLASSIFIER['limit_train']} images)")
+    log(f"[bold]1/4[/] provider trains ψ (ResNet-20, {CLASSIFIER['epochs']} epochs on {CLASSIFIER['limit_train']} images)")
     if (clf_dir / "metrics.json").exists():
         clf_metrics = json.loads((clf_dir / "metrics.json").read_text())
         log(f"    already done: {clf_dir / 'metrics.json'}")
@@ -44,7 +44,7 @@ def run_demo(out: Path, data_dir=None, vgg_weights=None, device: str = "cpu", lo
                   "data-dir": str(data_dir or ""), "vgg-weights": str(vgg_weights or ""),
                   "provider-device": device, "num-threads": max(1, (os.cpu_count() or 2) // 2)}
     cfg = AppConfig.from_run_config(run_config)
-    log(f"[bold]2/3[/] 2 users train h_θ (U-Net width {cfg.unet_base}, α={cfg.alpha}) through the Flower app")
+    log(f"[bold]2/4[/] 2 users train h_θ (U-Net width {cfg.unet_base}, α={cfg.alpha}) through the Flower app")
     if (sim_dir / "run.json").exists():
         log(f"    already done: {sim_dir / 'run.json'}")
     else:
