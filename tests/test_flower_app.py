@@ -201,3 +201,24 @@ def test_pyproject_run_config_mirrors_app_defaults():
     flwr = pyproject["tool"]["flwr"]["app"]
     assert flwr["components"] == {"serverapp": "sims.main:server_app", "clientapp": "sims.main:client_app"}
     assert flwr["config"] == AppConfig().to_run_config()
+
+
+def test_flwr_run_dot_runs_the_same_app(tmp_path, classifier_ckpt):
+    """`flwr run .` (local SuperLink, installed env) runs the app from pyproject's [tool.flwr] section."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    flwr_home = tmp_path / "flwr-home"
+    env = {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    values = {**TINY, "classifier": str(classifier_ckpt), "run-dir": str(tmp_path / "run")}
+    rc = " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}" for k, v in values.items())
+    try:
+        proc = subprocess.run(["flwr", "run", ".", "--run-config", rc, "--stream"], cwd=root, env=env,
+                              capture_output=True, text=True, timeout=400)
+    finally:  # `flwr run` leaves its local SuperLink daemon running
+        subprocess.run(["pkill", "-f", str(flwr_home)], check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert [u["steps_applied"] for u in run["users"]] == [2, 2]  # 2 simulated SuperNodes, 24 images = 2 batches each
+    assert all((tmp_path / "run" / f"user-{k}" / "metrics.json").exists() for k in (0, 1))
