@@ -132,10 +132,20 @@ def demo(
     vgg_weights: Optional[Path] = VggWeights,
     device: str = Device,
 ):
-    """The whole pipeline at CPU scale: train ψ briefly → Flower simulation with 2 users → per-user report."""
+    """The whole pipeline at CPU scale: ψ → 2 users train h_θ on Flower → ITN-Attack → per-user report."""
     from sims.demo import run_demo
 
     run_demo(out, data_dir=data_dir, vgg_weights=vgg_weights, device=resolve_device(device), log=console.print)
+
+
+def _simulate_command() -> None:
+    from sims.flower_simulation import cli as simulation_cli
+
+    app.command("simulate", help="Step (3): users train h_θ with the provider on Flower's simulation engine "
+                                 "(same as the `flower-simulation` command).")(simulation_cli)
+
+
+_simulate_command()
 
 
 def main() -> None:
