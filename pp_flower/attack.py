@@ -80,7 +80,8 @@ def train_attack(target: Target, splits: Splits, out_dir: str | Path, cfg: Attac
         log(f"{out / 'attack.json'} exists; skipping (delete it to rerun)")
         return json.loads((out / "attack.json").read_text())
     torch.manual_seed(cfg.seed)
-    estimator = UNet(cfg.unet_base, cfg.unet_depth).to(device)
+    in_channels = target(to_float(splits.train.images[:1]).to(device)).shape[1]  # e.g. 6 for Tanaka's encryption
+    estimator = UNet(cfg.unet_base, cfg.unet_depth, in_channels=in_channels).to(device)
     opt = torch.optim.SGD(estimator.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     phi = None
     if cfg.perceptual > 0:
@@ -130,7 +131,7 @@ def train_attack(target: Target, splits: Splits, out_dir: str | Path, cfg: Attac
         progress["history"].append({"epoch": epoch + 1, "val_mse": val})
         if val < progress["best_val"]:
             progress["best_val"] = val
-            save_atomic({"kind": "inverse_net", "base": cfg.unet_base, "depth": cfg.unet_depth,
+            save_atomic({"kind": "inverse_net", "base": cfg.unet_base, "depth": cfg.unet_depth, "in_channels": in_channels,
                          "state_dict": estimator.state_dict(), "target": name, "epoch": epoch + 1}, out / "best.pt")
         log(f"ITN on {name}: epoch {epoch + 1} val MSE {val:.5f}")
         progress.update(epoch=epoch + 1, step=0)
@@ -143,8 +144,9 @@ def train_attack(target: Target, splits: Splits, out_dir: str | Path, cfg: Attac
                   n_val=len(splits.val), finished=time.strftime("%Y-%m-%d %H:%M:%S"))
     (out / "attack.json").write_text(json.dumps(result, indent=2))
     save_attack_grid(estimator, target, splits.test.images[:8], out / "fig6.png", name, device)
+    protected_median = result.get("psnr_protected", {}).get("median", float("nan"))
     log(f"ITN on {name}: median PSNR estimate {result['psnr_estimated']['median']:.2f} dB, "
-        f"protected {result['psnr_protected']['median']:.2f} dB")
+        f"protected {protected_median:.2f} dB")
     return result
 
 
@@ -160,10 +162,11 @@ def evaluate_attack(estimator: nn.Module, target: Target, images: torch.Tensor, 
         protected = target(x).clamp(0, 1)
         estimate = estimator(protected)
         values["psnr_estimated"].append(psnr(estimate, x).cpu())
-        values["psnr_protected"].append(psnr(protected, x).cpu())
         values["ssim_estimated"].append(ssim(estimate, x).cpu())
-        values["ssim_protected"].append(ssim(protected, x).cpu())
-    per_image = {k: torch.cat(v) for k, v in values.items()}
+        if protected.shape == x.shape:  # a 6-channel encryption has no PSNR to the RGB image
+            values["psnr_protected"].append(psnr(protected, x).cpu())
+            values["ssim_protected"].append(ssim(protected, x).cpu())
+    per_image = {k: torch.cat(v) for k, v in values.items() if v}
     return {**{k: summary(v) for k, v in per_image.items()}, "per_image": {k: v.tolist() for k, v in per_image.items()}}
 
 
@@ -177,7 +180,9 @@ def save_attack_grid(estimator: nn.Module, target: Target, images: torch.Tensor,
     x = to_float(images).to(device)
     protected = target(x).clamp(0, 1)
     estimate = estimator(protected)
-    p_prot, p_est = psnr(protected, x).tolist(), psnr(estimate, x).tolist()
-    return save_pairs_grid([x.cpu(), protected.cpu(), estimate.cpu()], ["plain", "protected", "ITN estimate"], path,
+    shown = protected[:, :3] if protected.shape[1] != 3 else protected  # 6-channel encryptions: first 3 shown
+    p_prot = psnr(protected, x).tolist() if protected.shape[1] == 3 else [float("nan")] * len(x)
+    p_est = psnr(estimate, x).tolist()
+    return save_pairs_grid([x.cpu(), shown.cpu(), estimate.cpu()], ["plain", "protected", "ITN estimate"], path,
                            captions=[[], [f"{v:.1f} dB" for v in p_prot], [f"{v:.1f} dB" for v in p_est]],
                            title=f"ITN-Attack on {name}")

@@ -69,6 +69,8 @@ def train_classifier_cmd(
 def attack(
     transform: Optional[Path] = typer.Option(None, "--transform", help="A user's h_θ checkpoint (best.pt) to attack."),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="A finished simulation: attack every user's best.pt."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="A keyed encryption to attack: tanaka or pixel."),
+    key: int = typer.Option(0, "--key", help="The baseline's key (stored with the results)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output dir (default: RUN_DIR/attack or runs/attack)."),
     epochs: int = typer.Option(200, help="Attacker epochs (the paper: 200, lr ×0.2 at 30/60/80 %)."),
     batch_size: int = typer.Option(128, "--batch-size"),
@@ -93,7 +95,7 @@ def attack(
     from pp_flower.attack import AttackConfig
 
     cfg = AttackConfig(epochs=epochs, batch_size=batch_size, lr=lr, unet_base=unet_base, unet_depth=unet_depth)
-    attack_targets(transform=transform, run_dir=run_dir, out=out, cfg=cfg, strong=strong,
+    attack_targets(transform=transform, run_dir=run_dir, baseline=baseline, key=key, out=out, cfg=cfg, strong=strong,
                    perceptual_weight=perceptual_weight, data_dir=data_dir, limit_train=limit_train,
                    limit_eval=limit_eval, device=resolve_device(device), log=console.print)
 

@@ -68,7 +68,8 @@ def classify_folder(classifier: Path, input_dir: Path, device: str = "cpu") -> l
 
 
 def attack_targets(transform=None, run_dir=None, out=None, cfg=None, strong=False, perceptual_weight=1e-4,
-                   data_dir=None, limit_train=None, limit_eval=None, device="cpu", log=print) -> dict:
+                   data_dir=None, limit_train=None, limit_eval=None, device="cpu", log=print,
+                   baseline: str | None = None, key: int = 0) -> dict:
     """ITN-Attack every target (one checkpoint, or every user of a run); box plot and summary over all of them."""
     from dataclasses import replace
 
@@ -88,8 +89,15 @@ def attack_targets(transform=None, run_dir=None, out=None, cfg=None, strong=Fals
         if not users:
             raise PPFlowerError(f"{run_dir} holds no user-*/best.pt; is it a finished `flower-simulation` run dir?")
         targets.update({p.parent.name: p for p in users})
-    if not targets:
-        raise PPFlowerError("Nothing to attack: give --transform PATH or --run-dir PATH.")
+    callables = {}
+    if baseline is not None:
+        from pp_flower.baselines import BASELINES
+
+        if baseline not in BASELINES:
+            raise PPFlowerError(f"Unknown baseline '{baseline}' (known: {', '.join(BASELINES)}).")
+        callables[f"{baseline}-key{key}"] = BASELINES[baseline](key)
+    if not targets and not callables:
+        raise PPFlowerError("Nothing to attack: give --transform PATH, --run-dir PATH or --baseline NAME --key K.")
     nets = {name: load_transform_net(path)[0] for name, path in targets.items()}  # wrong kinds fail here, early
     out = Path(out) if out else (Path(run_dir) / "attack" if run_dir else Path("runs/attack"))
     splits = load_splits(data_dir, limit_train=limit_train, limit_eval=limit_eval)
@@ -97,17 +105,17 @@ def attack_targets(transform=None, run_dir=None, out=None, cfg=None, strong=Fals
     if strong:
         attackers["ITN+feat"] = replace(cfg, perceptual=perceptual_weight)
     results, boxes = {}, {}
-    for name, net in nets.items():
-        target = network_target(net, device)
+    all_targets = {**{name: network_target(net, device) for name, net in nets.items()}, **callables}
+    for name, target in all_targets.items():
         for attacker, acfg in attackers.items():
             tag = f"{name}-{attacker}"
             results[tag] = train_attack(target, splits, out / tag, acfg, device, name=f"{name} ({attacker})", log=log)
-            if attacker == "ITN":
+            if attacker == "ITN" and "psnr_protected" in results[tag]["per_image"]:
                 boxes[f"{name}\nprotected"] = results[tag]["per_image"]["psnr_protected"]
             boxes[f"{name}\n{attacker} estimate"] = results[tag]["per_image"]["psnr_estimated"]
     save_psnr_boxplot(boxes, out / "fig7_psnr_boxplot.png", title="PSNR to the plain test images (higher = more leaked)")
-    summary = {tag: {k: r[k] for k in ("psnr_estimated", "psnr_protected", "ssim_estimated", "ssim_protected")}
-               for tag, r in results.items()}
+    summary = {tag: {k: r[k] for k in ("psnr_estimated", "psnr_protected", "ssim_estimated", "ssim_protected")
+                     if k in r} for tag, r in results.items()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     log(f"attack results → {out}/summary.json, box plot → {out}/fig7_psnr_boxplot.png")
     return summary

@@ -123,9 +123,9 @@ class UNet(nn.Module):
 
     def __init__(self, base: int = 64, depth: int = 4, in_channels: int = 3, out_channels: int = 3):
         super().__init__()
-        self.base, self.depth = base, depth
+        self.base, self.depth, self.in_channels = base, depth, in_channels
         widths = [base * 2**i for i in range(depth + 1)]
-        self.normalize = Normalize()
+        self.normalize = Normalize() if in_channels == 3 else nn.Identity()  # ImageNet statistics are RGB
         self.down = nn.ModuleList([_double_conv(in_channels, widths[0])])
         self.down.extend(_double_conv(widths[i], widths[i + 1]) for i in range(depth))
         self.up = nn.ModuleList(
@@ -153,7 +153,8 @@ def unet_from_state_dict(state_dict: dict[str, torch.Tensor], base: int, depth: 
     with torch.device("meta"):
         net = UNet(base, depth)
     net.load_state_dict(state_dict, assign=True)
-    net.normalize = Normalize()  # its constants are not part of state dicts
+    if isinstance(net.normalize, Normalize):
+        net.normalize = Normalize()  # its constants are not part of state dicts
     return net
 
 

@@ -1,0 +1,71 @@
+"""Baselines must fail loudly when wrong: exact decryption with the key, none without it."""
+
+import torch
+
+from pp_flower.baselines.pixel import PixelEncryption
+from pp_flower.baselines.tanaka import AdaptationNetwork, TanakaEncryption, block_scramble, split_nibbles, to_blocks
+from pp_flower.models import ResNet20
+
+
+def _images(splits, n=16):
+    return splits.test.images[:n]
+
+
+def test_tanaka_decrypts_exactly_with_its_key_only(splits):
+    x = _images(splits)
+    enc = TanakaEncryption(key=7).encrypt(x)
+    assert enc.shape == (16, 6, 32, 32) and enc.dtype == torch.uint8 and enc.max() <= 15
+    assert torch.equal(TanakaEncryption(key=7).decrypt(enc), x)
+    assert not torch.equal(TanakaEncryption(key=8).decrypt(enc), x)
+    assert not torch.equal(split_nibbles(x), enc)
+
+
+def test_block_scrambling_keeps_each_blocks_components(splits):
+    comps = to_blocks(split_nibbles(_images(splits, 4)), 4)
+    perm = TanakaEncryption(key=3).permutation
+    scrambled = block_scramble(comps, perm)
+    assert not torch.equal(scrambled, comps)
+    assert torch.equal(torch.sort(scrambled, dim=-1).values, torch.sort(comps, dim=-1).values)
+
+
+def test_adaptation_network_output_fits_psi():
+    enc = TanakaEncryption(key=1)(torch.rand(5, 3, 32, 32))
+    out = AdaptationNetwork()(enc)
+    assert out.shape == (5, 3, 32, 32)
+    assert ResNet20()(out).shape == (5, 10)
+
+
+def test_pixel_encryption_single_and_per_image_keys(splits):
+    x = _images(splits)
+    single = PixelEncryption(key=11)
+    enc = single.encrypt(x)
+    assert torch.equal(single.decrypt(enc), x) and not torch.equal(enc, x)
+    assert not torch.equal(PixelEncryption(key=12).decrypt(enc), x)
+    per_image = PixelEncryption(key=11, per_image=True)
+    idx = torch.arange(100, 116)
+    enc2 = per_image.encrypt(x, idx)
+    assert torch.equal(per_image.decrypt(enc2, idx), x)
+    assert not torch.equal(per_image.decrypt(enc2, idx + 1), x)
+    # same image content at two indices encrypts differently only in the per-image variant
+    twice = torch.cat([x[:1], x[:1]])
+    assert torch.equal(single.encrypt(twice)[0], single.encrypt(twice)[1])
+    assert not torch.equal(per_image.encrypt(twice)[0], per_image.encrypt(twice)[1])
+
+
+def test_baselines_are_attack_targets(tmp_path, data_dir):
+    import json
+
+    import pytest
+
+    from pp_flower.attack import AttackConfig
+    from pp_flower.errors import PPFlowerError
+    from pp_flower.evaluation import attack_targets
+
+    cfg = AttackConfig(epochs=1, batch_size=64, unet_base=4, unet_depth=2)
+    summary = attack_targets(baseline="tanaka", key=3, out=tmp_path, cfg=cfg, data_dir=data_dir, limit_train=256,
+                             limit_eval=64, log=lambda *a: None)
+    assert list(summary) == ["tanaka-key3-ITN"]  # the key is part of the stored result's name
+    result = json.loads((tmp_path / "tanaka-key3-ITN" / "attack.json").read_text())
+    assert len(result["per_image"]["psnr_estimated"]) == 64 and result["target"] == "tanaka-key3 (ITN)"
+    with pytest.raises(PPFlowerError, match="Unknown baseline 'rot13'"):
+        attack_targets(baseline="rot13", key=1, out=tmp_path, cfg=cfg, data_dir=data_dir, log=lambda *a: None)
