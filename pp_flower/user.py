@@ -21,7 +21,6 @@ from pp_flower.checkpoints import save_atomic, transform_blob
 from pp_flower.config import AppConfig
 from pp_flower.data import load_datasets, to_float
 from pp_flower.features import load_feature_net
-from pp_flower.losses import feature_loss
 from pp_flower.metrics import psnr, ssim, summary
 from pp_flower.models import UNet, unet_from_state_dict
 from pp_flower.transform import (apply_class_gradient, init_transform_net, make_optimizer, produce, set_lr,
@@ -186,6 +185,9 @@ class User:
         acc = P.get_tensors(state, S_EVAL) if want != 0 and S_EVAL in state.array_records else {}
         result = P.get_tensors(msg.content, P.RESULT)
         if result:
+            have = len(acc[next(iter(result))]) if next(iter(result)) in acc else 0
+            if have != result_chunk * self.cfg.eval_chunk:
+                raise RuntimeError(f"{phase} results for chunk {result_chunk} arrived out of order ({have} held)")
             for key, value in result.items():
                 acc[key] = torch.cat([acc[key], value]) if key in acc else value
         reply: dict = {"control": {"step": int(self.progress["step"]), "batch": P.NONE}}

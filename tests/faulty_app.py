@@ -4,7 +4,6 @@ context.state is not saved, so it cannot remember)."""
 
 from pathlib import Path
 
-import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 

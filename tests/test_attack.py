@@ -7,9 +7,8 @@ import sys
 import pytest
 import torch
 
-from pp_flower.attack import AttackConfig, evaluate_attack, train_attack
+from pp_flower.attack import AttackConfig, train_attack
 from pp_flower.data import load_splits, to_float
-from pp_flower.errors import PPFlowerError
 from pp_flower.metrics import psnr, ssim
 
 
