@@ -49,6 +49,10 @@ def load_classifier(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]
     """ψ from a ``ppflower train-classifier`` checkpoint, frozen and in eval mode."""
     blob = load_checkpoint(path, "classifier")
     model = build_classifier(blob["arch"], blob["num_classes"])
+    if blob.get("baseline") == "tanaka":  # ψ on Tanaka-encrypted images: adaptation network in front
+        from pp_flower.baselines.tanaka import AdaptationNetwork
+
+        model = nn.Sequential(AdaptationNetwork(), model)
     try:
         model.load_state_dict(blob["state_dict"])
     except RuntimeError as exc:

@@ -46,6 +46,8 @@ def train_classifier_cmd(
     lr: float = typer.Option(0.1),
     seed: int = typer.Option(0),
     checkpoint_every: int = typer.Option(10, "--checkpoint-every", help="Steps between resume checkpoints."),
+    baseline: str = typer.Option("", "--baseline", help="Train ψ on encrypted images: tanaka, pixel, pixel-per-image."),
+    key: int = typer.Option(0, "--key", help="The baseline's key (stored in the checkpoint and metrics)."),
     out: Path = typer.Option(Path("runs/classifier"), "--out", help="Output dir: last.pt, best.pt, metrics.json."),
     data_dir: Optional[Path] = DataDir,
     device: str = Device,
@@ -59,7 +61,7 @@ def train_classifier_cmd(
         raise PPFlowerError(f"--model must be one of {', '.join(CLASSIFIERS)}, got '{model}'.")
     splits = load_splits(data_dir, seed=seed, limit_train=limit_train, limit_eval=limit_eval)
     cfg = ClassifierConfig(arch=model, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                           checkpoint_every=checkpoint_every)
+                           checkpoint_every=checkpoint_every, baseline=baseline, key=key)
     metrics = train_classifier(splits, out, cfg, device=resolve_device(device), log=console.print)
     console.print(f"[bold green]ψ ({model}) test accuracy: {metrics['test_accuracy']:.4f}[/]")
 

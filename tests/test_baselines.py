@@ -1,5 +1,6 @@
 """Baselines must fail loudly when wrong: exact decryption with the key, none without it."""
 
+import pytest
 import torch
 
 from pp_flower.baselines.pixel import PixelEncryption
@@ -69,3 +70,23 @@ def test_baselines_are_attack_targets(tmp_path, data_dir):
     assert len(result["per_image"]["psnr_estimated"]) == 64 and result["target"] == "tanaka-key3 (ITN)"
     with pytest.raises(PPFlowerError, match="Unknown baseline 'rot13'"):
         attack_targets(baseline="rot13", key=1, out=tmp_path, cfg=cfg, data_dir=data_dir, log=lambda *a: None)
+
+
+@pytest.mark.parametrize("baseline", ["tanaka", "pixel", "pixel-per-image"])
+def test_classifier_trains_on_encrypted_images(baseline, tmp_path, data_dir):
+    import json
+
+    from pp_flower.checkpoints import load_classifier
+    from pp_flower.classifier import ClassifierConfig, model_input, train_classifier
+    from pp_flower.data import load_splits, to_float
+
+    small = load_splits(data_dir, limit_train=256, limit_eval=64)
+    cfg = ClassifierConfig(epochs=1, batch_size=64, baseline=baseline, key=5)
+    metrics = train_classifier(small, tmp_path, cfg, log=lambda *a: None)
+    assert metrics["baseline"] == baseline and metrics["key"] == 5 and 0 <= metrics["test_accuracy"] <= 1
+    model, blob = load_classifier(tmp_path / "best.pt")
+    assert blob["baseline"] == baseline and blob["key"] == 5
+    x = model_input(small.test.images[:4], small.test_ids[:4], cfg)
+    assert not torch.allclose(x[:, :3], to_float(small.test.images[:4]))  # ψ never sees the plain image
+    assert model(x).shape == (4, 10)
+    assert json.loads((tmp_path / "metrics.json").read_text())["baseline"] == baseline
