@@ -1,0 +1,96 @@
+"""The provider strategy against real ClientApp handlers on an in-process grid (no Ray): lost messages."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+import torch
+from flwr.app import Context, Message, RecordDict
+
+from pp_flower.checkpoints import load_transform_net
+from pp_flower.config import AppConfig
+from strategies.provider import ProviderStrategy
+
+
+class LocalGrid:
+    """Delivers each message to the real ClientApp at once; ``lose`` decides which messages vanish unprocessed."""
+
+    def __init__(self, client_app, num_nodes: int, lose=lambda node, msg: False):
+        self.app, self.lose = client_app, lose
+        self.contexts = {n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={})
+                         for n in range(1, num_nodes + 1)}
+        self.replies: dict[str, Message] = {}
+        self.lost = 0
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def push_messages(self, messages):
+        ids = []
+        for msg in messages:
+            mid = str(uuid.uuid4())
+            msg.metadata.__dict__["_message_id"] = mid
+            ids.append(mid)
+            node = msg.metadata.dst_node_id
+            if self.lose(node, msg):
+                self.lost += 1
+                continue
+            reply = self.app(msg, self.contexts[node])
+            reply.metadata.__dict__["_src_node_id"] = node
+            self.replies[mid] = reply
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self.replies.pop(mid) for mid in list(message_ids) if mid in self.replies]
+
+
+def _run(tmp_path, classifier_ckpt, name, lose=lambda node, msg: False):
+    from sims.main import client_app
+
+    cfg = AppConfig.from_run_config({"limit-train": 64, "batch-size": 16, "unet-base": 4, "unet-depth": 2,
+                                     "limit-eval": 10, "eval-chunk": 10, "num-threads": 1, "step-timeout": 0.3,
+                                     "classifier": str(classifier_ckpt), "run-dir": str(tmp_path / name)})
+    grid = LocalGrid(client_app, 2, lose)
+    summary = ProviderStrategy.from_config(cfg).run(grid)
+    return summary, grid
+
+
+@pytest.fixture
+def task_identity():
+    """Flower's Message() needs a run/task identity, which its runtimes normally set."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    keys = [k for k in ("_run_id", "_task_id", "_node_id") if hasattr(TaskIdentity, k)]
+    saved = {k: getattr(TaskIdentity, k) for k in keys}
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+    yield
+    for key, value in saved.items():
+        setattr(TaskIdentity, key, value)
+
+
+def test_lost_message_drops_the_user_for_one_step_and_changes_nothing(tmp_path, classifier_ckpt, task_identity):
+    state = {"done": False}
+
+    def lose_once(node, msg):  # the message carrying user 2's gradient for step 0 never arrives
+        control = msg.content.config_records.get("control") if msg.has_content() else None
+        if node == 2 and msg.metadata.message_type == "train.step" and control and control["grad-step"] == 0 \
+                and not state["done"]:
+            state["done"] = True
+            return True
+        return False
+
+    clean, _ = _run(tmp_path, classifier_ckpt, "clean")
+    faulty, grid = _run(tmp_path, classifier_ckpt, "faulty", lose_once)
+    assert grid.lost == 1
+    user = faulty["users"][1]
+    assert [reason for _, reason in user["dropped_steps"]] == ["no reply within 0.3 s"]
+    assert user["active"] and user["steps_applied"] == clean["users"][1]["steps_applied"] == 2
+    # the user rejoined from its own state: same weights as in the run without the lost message
+    a, _ = load_transform_net(tmp_path / "clean" / "user-1" / "final.pt")
+    b, _ = load_transform_net(tmp_path / "faulty" / "user-1" / "final.pt")
+    for key, value in a.state_dict().items():
+        assert torch.equal(value, b.state_dict()[key]), key
+    assert json.loads((tmp_path / "faulty" / "run.json").read_text())["users"][0]["dropped_steps"] == []
