@@ -90,19 +90,24 @@ def _list_image_folder(root: Path) -> tuple[list[Path], list[int], tuple[str, ..
     return files, labels, classes
 
 
-def _decode_files(files: list[Path], desc: str) -> torch.Tensor:
+def read_image(path: str | os.PathLike) -> torch.Tensor:
+    """One image file → uint8 RGB tensor (3, H, W), decoded as torchvision's ImageFolder does (PIL)."""
     import numpy as np
-    from torchvision.datasets.folder import pil_loader  # what ImageFolder itself decodes with
+    from torchvision.datasets.folder import pil_loader
 
+    try:
+        return torch.from_numpy(np.array(pil_loader(str(path)))).permute(2, 0, 1)
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is a data problem
+        raise PPFlowerError(f"Cannot decode image {path}: {exc}") from exc
+
+
+def _decode_files(files: list[Path], desc: str) -> torch.Tensor:
     from pp_flower.progress import track
 
     out = []
     shape = None
     for f in track(files, desc):
-        try:
-            img = torch.from_numpy(np.array(pil_loader(str(f)))).permute(2, 0, 1)
-        except Exception as exc:  # noqa: BLE001 - any decoder failure is a data problem
-            raise PPFlowerError(f"Cannot decode image {f}: {exc}") from exc
+        img = read_image(f)
         if shape is None:
             shape = img.shape
         elif img.shape != shape:

@@ -8,10 +8,9 @@ from pathlib import Path
 import torch
 
 from pp_flower.checkpoints import load_classifier, load_transform_net
+from pp_flower.data import IMAGE_SUFFIXES, read_image
 from pp_flower.errors import PPFlowerError
 from pp_flower.progress import track
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -24,13 +23,7 @@ def _images_in(folder: Path) -> list[Path]:
 
 
 def _read(path: Path) -> torch.Tensor:
-    import numpy as np
-    from torchvision.datasets.folder import pil_loader
-
-    try:
-        return torch.from_numpy(np.array(pil_loader(str(path)))).permute(2, 0, 1).float().div(255)
-    except Exception as exc:  # noqa: BLE001
-        raise PPFlowerError(f"Cannot read image {path}: {exc}") from exc
+    return read_image(path).float().div(255)
 
 
 def protect_folder(transform: Path, input_dir: Path, output_dir: Path, device: str = "cpu") -> int:
