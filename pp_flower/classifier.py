@@ -35,8 +35,9 @@ class ClassifierConfig:
     weight_decay: float = 5e-4
     seed: int = 0
     augment: bool = True
-    baseline: str = ""  # "" (plain images), "tanaka", "pixel" or "pixel-per-image": ψ trained on encrypted images
+    baseline: str = ""  # "" (plain images), "tanaka", "pixel", "pixel-per-image" or "gan": ψ on protected images
     key: int = 0        # the baseline's key
+    transform: str = ""  # baseline "gan": the GAN generator's transform_net checkpoint
     checkpoint_every: int = 10  # steps between mid-epoch checkpoints (resume points)
 
 
@@ -69,7 +70,25 @@ def model_input(images: torch.Tensor, ids: torch.Tensor, cfg: "ClassifierConfig"
         if generator is not None:
             encrypted = augment(encrypted, generator)
         return to_float(encrypted)
-    raise PPFlowerError(f"Unknown baseline '{cfg.baseline}' (expected tanaka, pixel or pixel-per-image).")
+    if cfg.baseline == "gan":  # the user transforms its own (augmented) plain images with G
+        if generator is not None:
+            images = augment(images, generator)
+        return _gan_generator(cfg.transform)(to_float(images))
+    raise PPFlowerError(f"Unknown baseline '{cfg.baseline}' (expected tanaka, pixel, pixel-per-image or gan).")
+
+
+_GENERATORS: dict[str, nn.Module] = {}
+
+
+def _gan_generator(path: str) -> nn.Module:
+    """The GAN-based transformation's generator (read-only, cached per process)."""
+    if not path:
+        raise PPFlowerError("Baseline 'gan' needs the generator's checkpoint (--transform PATH).")
+    if path not in _GENERATORS:
+        from pp_flower.checkpoints import load_transform_net
+
+        _GENERATORS[path] = load_transform_net(path)[0].requires_grad_(False).eval()
+    return _GENERATORS[path]
 
 
 def build_model(cfg: "ClassifierConfig", num_classes: int) -> nn.Module:

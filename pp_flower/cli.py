@@ -46,8 +46,10 @@ def train_classifier_cmd(
     lr: float = typer.Option(0.1),
     seed: int = typer.Option(0),
     checkpoint_every: int = typer.Option(10, "--checkpoint-every", help="Steps between resume checkpoints."),
-    baseline: str = typer.Option("", "--baseline", help="Train ψ on encrypted images: tanaka, pixel, pixel-per-image."),
+    baseline: str = typer.Option("", "--baseline", help="Train ψ on protected images: tanaka, pixel, pixel-per-image, "
+                                                        "or gan (with --transform from `ppflower train-gan`)."),
     key: int = typer.Option(0, "--key", help="The baseline's key (stored in the checkpoint and metrics)."),
+    transform: Optional[Path] = typer.Option(None, "--transform", help="--baseline gan: the generator checkpoint."),
     out: Path = typer.Option(Path("runs/classifier"), "--out", help="Output dir: last.pt, best.pt, metrics.json."),
     data_dir: Optional[Path] = DataDir,
     device: str = Device,
@@ -61,9 +63,35 @@ def train_classifier_cmd(
         raise PPFlowerError(f"--model must be one of {', '.join(CLASSIFIERS)}, got '{model}'.")
     splits = load_splits(data_dir, seed=seed, limit_train=limit_train, limit_eval=limit_eval)
     cfg = ClassifierConfig(arch=model, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                           checkpoint_every=checkpoint_every, baseline=baseline, key=key)
+                           checkpoint_every=checkpoint_every, baseline=baseline, key=key,
+                           transform=str(transform or ""))
     metrics = train_classifier(splits, out, cfg, device=resolve_device(device), log=console.print)
     console.print(f"[bold green]ψ ({model}) test accuracy: {metrics['test_accuracy']:.4f}[/]")
+
+
+@app.command("train-gan")
+def train_gan_cmd(
+    epochs: int = typer.Option(200, help="Epochs of the conditional GAN."),
+    limit_train: Optional[int] = typer.Option(None, "--limit-train", help="Use only the first N training images."),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    unet_base: int = typer.Option(16, "--unet-base", help="Generator U-Net width (64 = the full U-Net)."),
+    l1_weight: float = typer.Option(100.0, "--l1-weight", help="λ: weight of ‖G(x) − E(x)‖₁ beside the GAN loss."),
+    target: str = typer.Option("pixel", "--target", help="Encryption G imitates: pixel or pixel-per-image."),
+    key: int = typer.Option(0, "--key", help="That encryption's key (training only; G has no key)."),
+    seed: int = typer.Option(0),
+    out: Path = typer.Option(Path("runs/gan"), "--out", help="Output dir: transform.pt, metrics.json, last.pt."),
+    data_dir: Optional[Path] = DataDir,
+    device: str = Device,
+):
+    """Baseline: the GAN-based transformation (Sirichotedumrong & Kiya 2020); then `train-classifier --baseline gan`."""
+    from pp_flower.baselines.gan import GanConfig, train_gan_transform
+    from pp_flower.data import load_splits
+
+    splits = load_splits(data_dir, seed=seed, limit_train=limit_train, limit_eval=1)
+    cfg = GanConfig(epochs=epochs, batch_size=batch_size, unet_base=unet_base, l1_weight=l1_weight, target=target,
+                    key=key, seed=seed)
+    train_gan_transform(splits, out, cfg, device=resolve_device(device), log=console.print)
+    console.print(f"[green]generator → {out / 'transform.pt'}[/]")
 
 
 @app.command()
@@ -139,6 +167,27 @@ def demo(
     from sims.demo import run_demo
 
     run_demo(out, data_dir=data_dir, vgg_weights=vgg_weights, device=resolve_device(device), log=console.print)
+
+
+@app.command()
+def reproduce(
+    preset: str = typer.Option("cpu", "--preset", help="cpu: ResNet-20 column at CPU scale (≤ 3 h on 2 cores); "
+                                                        "paper: the paper's recipe (200 epochs, full U-Net; a GPU); "
+                                                        "smoke: minutes, meaningless numbers."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Tables, figures, per-stage JSON (default results/PRESET)."),
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="Checkpoints (default runs/reproduce-PRESET)."),
+    data_dir: Optional[Path] = DataDir,
+    vgg_weights: Optional[Path] = VggWeights,
+    device: str = Device,
+):
+    """Table I and Figs. 5–7: ψ, h_θ per α (through the Flower app), the baselines and the ITN-Attack.
+
+    Every stage is resumable: rerun the same command after an interruption and finished stages are skipped."""
+    from sims.reproduce import reproduce as run_reproduce
+
+    result = run_reproduce(preset, out, workdir, data_dir, vgg_weights, resolve_device(device), log=console.print)
+    console.print(f"[bold green]Table I → {(out or Path('results') / preset) / 'table1.md'}[/] "
+                  f"({len(result['rows'])} rows)")
 
 
 def _simulate_command() -> None:

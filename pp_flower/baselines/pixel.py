@@ -55,6 +55,15 @@ class PixelEncryption:
         return torch.where(flip, 255 - negated, negated)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """[0, 1] float images → encrypted [0, 1] float images (for ψ or an attack)."""
+        """[0, 1] float images → encrypted [0, 1] float images (for ψ or an attack).
+
+        Per-image keys: every call draws fresh image indices (a seeded stream), so an attacker never sees
+        two images under the same key, as in the scheme "without key management".
+        """
         images = (x.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
-        return self.encrypt(images).float().div(255).to(x.device)
+        indices = None
+        if self.per_image:
+            if not hasattr(self, "_stream"):
+                self._stream = torch.Generator().manual_seed(self.key + 1)
+            indices = torch.randint(0, 2**40, (len(images),), generator=self._stream)
+        return self.encrypt(images, indices).float().div(255).to(x.device)
