@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from pp_flower.errors import PPFlowerError
-from pp_flower.models import UNet, build_classifier
+from pp_flower.models import PositionalUNet, UNet, build_classifier
 
 FORMAT_VERSION = 1
 
@@ -61,17 +61,24 @@ def load_classifier(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]
     return model.eval(), blob
 
 
-def transform_blob(model: UNet, **extra: Any) -> dict[str, Any]:
-    return {"kind": "transform_net", "version": FORMAT_VERSION, "base": model.base, "depth": model.depth,
+def transform_blob(model: nn.Module, **extra: Any) -> dict[str, Any]:
+    """A transformation network (h_θ, or the GAN baseline's generator) as a checkpoint."""
+    blob = {"kind": "transform_net", "version": FORMAT_VERSION, "base": model.base, "depth": model.depth,
             "state_dict": model.state_dict(), **extra}
+    if isinstance(model, PositionalUNet):
+        blob.update(architecture="positional-unet", pos_channels=model.pos_channels, size=model.size)
+    return blob
 
 
-def load_transform_net(path: str | os.PathLike, base: int | None = None) -> tuple[UNet, dict[str, Any]]:
+def load_transform_net(path: str | os.PathLike, base: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """h_θ (a U-Net) from a checkpoint; ``base`` (width) is checked when given."""
     blob = load_checkpoint(path, "transform_net")
     if base is not None and blob["base"] != base:
         raise PPFlowerError(f"{path} holds a U-Net of width {blob['base']}, expected width {base}.")
-    model = UNet(base=blob["base"], depth=blob["depth"])
+    if blob.get("architecture") == "positional-unet":
+        model = PositionalUNet(blob["base"], blob["depth"], blob["pos_channels"], blob["size"])
+    else:
+        model = UNet(base=blob["base"], depth=blob["depth"])
     try:
         model.load_state_dict(blob["state_dict"])
     except RuntimeError as exc:

@@ -9,8 +9,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torchvision.models.vgg import cfgs as vgg_cfgs
-from torchvision.models.vgg import make_layers as vgg_make_layers
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -86,9 +84,11 @@ class VGG16BN(nn.Module):
     """VGG16 with batch norm, CIFAR variant: torchvision's 13 conv layers, then one linear layer on 512 features."""
 
     def __init__(self, num_classes: int = 10):
+        from torchvision.models.vgg import cfgs, make_layers
+
         super().__init__()
         self.normalize = Normalize()
-        self.features = vgg_make_layers(vgg_cfgs["D"], batch_norm=True)
+        self.features = make_layers(cfgs["D"], batch_norm=True)
         self.classifier = nn.Linear(512, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -146,6 +146,25 @@ class UNet(nn.Module):
         for up, conv in zip(self.up, self.up_conv):
             out = conv(torch.cat([skips.pop(), up(out)], dim=1))
         return torch.sigmoid(self.head(out))
+
+
+class PositionalUNet(nn.Module):
+    """A U-Net that also sees a learned positional map (``pos_channels`` × H × W) beside the image.
+
+    Convolutions treat every position alike, so a plain U-Net cannot reproduce a keyed, position-dependent
+    encryption such as pixel-based encryption; with the positional map it can (the GAN-based baseline's G).
+    """
+
+    def __init__(self, base: int = 16, depth: int = 4, pos_channels: int = 8, size: int = 32):
+        super().__init__()
+        self.base, self.depth, self.pos_channels, self.size = base, depth, pos_channels, size
+        self.positional = nn.Parameter(torch.randn(1, pos_channels, size, size))
+        self.unet = UNet(base, depth, in_channels=3 + pos_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[-2:]) != (self.size, self.size):
+            raise ValueError(f"this generator was trained on {self.size}×{self.size} images, got {tuple(x.shape)}")
+        return self.unet(torch.cat([x, self.positional.expand(len(x), -1, -1, -1)], dim=1))
 
 
 def unet_from_state_dict(state_dict: dict[str, torch.Tensor], base: int, depth: int) -> UNet:

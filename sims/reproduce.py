@@ -79,13 +79,13 @@ PRESETS = {
         gan={"epochs": 200, "unet_base": 64}, attack={"epochs": 200, "unet_base": 64},
         deviations=("JPEG-q75 re-encoded CIFAR-10 when run on ../shared/data (the paper: the original PNGs).",
                     "The GAN-based transformation follows our reading of arXiv:2006.01342 (pix2pix objective, "
-                    "pixel-based encryption as the target domain).")),
+                    "pixel-based encryption as the target domain, generator with a learned positional map).")),
     "cpu": Preset(
         name="cpu", archs=("resnet20",), psi_epochs=6, limit_train=20_000, limit_eval=2_000,
         transform={"epochs": 3, "batch-size": 64, "lr": 0.01, "unet-base": 16, "limit-train": 8_192,
                    "eval-chunk": 500},
-        gan={"epochs": 3, "unet_base": 16, "batch_size": 64}, gan_limit_train=8_192,
-        attack={"epochs": 3, "unet_base": 16, "batch_size": 64}, attack_limit_train=6_144,
+        gan={"epochs": 3, "unet_base": 16, "batch_size": 64, "lr": 1e-3}, gan_limit_train=8_192,
+        attack={"epochs": 3, "unet_base": 16, "batch_size": 64}, attack_limit_train=4_096,
         deviations=(
             "Only the ResNet-20 column (VGG16-BN: `--preset paper`).",
             "ψ (every row): 6 epochs on the first 20,000 of the 45,000 training images (the paper: 200 epochs, 45,000); "
@@ -93,9 +93,10 @@ PRESETS = {
             "Validation and test on 2,000 images each (the paper: 5,000 / 10,000).",
             "h_θ: U-Net width 16 (the paper: 64), 3 epochs (the paper: 200) on 8,192 images, batch 64, lr 0.01 "
             "(the paper: 0.1; see README), one user.",
-            "GAN-based transformation: generator U-Net width 16, 3 epochs on 8,192 images; our reading of "
-            "arXiv:2006.01342 (pix2pix objective, pixel-based encryption as the target domain).",
-            "ITN-Attack: U-Net width 16 (the paper: 64), 3 epochs (the paper: 200) on 6,144 pairs, batch 64.",
+            "GAN-based transformation: generator U-Net width 16 with a learned positional map, 3 epochs on 8,192 "
+            "images, Adam lr 1e-3 (pix2pix: 2e-4); our reading of arXiv:2006.01342 (pix2pix objective, pixel-based "
+            "encryption as the target domain).",
+            "ITN-Attack: U-Net width 16 (the paper: 64), 3 epochs (the paper: 200) on 4,096 pairs, batch 64.",
             "JPEG-q75 re-encoded CIFAR-10 (../shared/data); the paper used the original PNGs.",
         )),
     "smoke": Preset(  # the pipeline end to end in a few minutes: for tests, not for numbers

@@ -90,3 +90,44 @@ def test_classifier_trains_on_encrypted_images(baseline, tmp_path, data_dir):
     assert not torch.allclose(x[:, :3], to_float(small.test.images[:4]))  # ψ never sees the plain image
     assert model(x).shape == (4, 10)
     assert json.loads((tmp_path / "metrics.json").read_text())["baseline"] == baseline
+
+
+def test_per_image_key_attack_target_draws_fresh_keys(splits):
+    from pp_flower.baselines import BASELINES
+    from pp_flower.data import to_float
+
+    x = to_float(_images(splits))
+    single, per_image = BASELINES["pixel"](7), BASELINES["pixel-per-image"](7)
+    assert torch.equal(single(x), single(x))              # one key: the same image always encrypts the same
+    assert not torch.equal(per_image(x), per_image(x))    # per-image keys: an attacker never sees a key twice
+
+
+def test_gan_transformation_learns_its_target_and_is_a_transform_net(tmp_path, data_dir):
+    """G's L1 distance to the target encryption falls over epochs; the result loads like any h_θ."""
+    import json
+
+    from pp_flower.baselines.gan import GanConfig, target_encryption, train_gan_transform
+    from pp_flower.checkpoints import load_transform_net
+    from pp_flower.classifier import ClassifierConfig, model_input
+    from pp_flower.data import load_splits, to_float
+
+    small = load_splits(data_dir, limit_train=1024, limit_eval=16)
+    cfg = GanConfig(epochs=2, batch_size=64, unet_base=8, lr=2e-3, key=4)
+    metrics = train_gan_transform(small, tmp_path, cfg, log=lambda *a: None)
+    l1 = [h["loss_g_l1"] for h in metrics["history"]]
+    print("GAN L1 per epoch", l1)
+    assert l1[-1] < 0.9 * l1[0], l1
+    generator, blob = load_transform_net(tmp_path / "transform.pt")
+    assert blob["baseline"] == "gan" and blob["config"]["key"] == 4
+    x = small.test.images[:8]
+    with torch.no_grad():
+        protected = generator(to_float(x))
+    # closer to the encrypted image than to the plain one (what the GAN is trained towards)
+    target = to_float(target_encryption(cfg).encrypt(x))
+    assert (protected - target).abs().mean() < (protected - to_float(x)).abs().mean()
+    # ψ for the GAN row sees exactly G's output
+    psi_cfg = ClassifierConfig(baseline="gan", transform=str(tmp_path / "transform.pt"))
+    assert torch.allclose(model_input(x, small.test_ids[:8], psi_cfg), protected, atol=1e-6)
+    # a finished GAN stage is not retrained
+    assert train_gan_transform(small, tmp_path, cfg, log=lambda *a: None) == json.loads(
+        (tmp_path / "metrics.json").read_text())

@@ -10,7 +10,9 @@ learns to produce encryption-like images without anyone managing keys:
     L_G = BCE(D(x, G(x)), 1) + λ · ‖G(x) − E(x)‖₁            (λ = 100 as in pix2pix)
 
 Our reading of the paper's description: the target encryption (``target``) and λ are configurable and
-reported with the results. Training is resumable at epoch boundaries (``last.pt``); the result is a
+reported with the results. A keyed pixel-wise encryption differs from position to position, which
+convolutions alone cannot express, so G is a U-Net that also sees a learned positional map
+(:class:`~pp_flower.models.PositionalUNet`); the key ends up in G's weights, no key is needed at use time. Training is resumable at epoch boundaries (``last.pt``); the result is a
 ``transform_net`` checkpoint, so ``ppflower attack --transform`` and ``protect`` take it like any h_θ.
 """
 
@@ -28,7 +30,7 @@ from torch.nn import functional as F
 from pp_flower.checkpoints import load_checkpoint, save_atomic, transform_blob
 from pp_flower.data import Splits, augment, to_float
 from pp_flower.errors import PPFlowerError
-from pp_flower.models import UNet
+from pp_flower.models import PositionalUNet
 from pp_flower.progress import track
 
 
@@ -41,6 +43,7 @@ class GanConfig:
     l1_weight: float = 100.0       # λ
     unet_base: int = 16
     unet_depth: int = 4
+    pos_channels: int = 8          # channels of G's learned positional map
     target: str = "pixel"          # the encryption whose outputs D treats as real: pixel | pixel-per-image
     key: int = 0                   # that encryption's key (only used for training; G itself has no key)
     seed: int = 0
@@ -82,7 +85,9 @@ def train_gan_transform(splits: Splits, out_dir: str | Path, cfg: GanConfig, dev
         log(f"{out / 'metrics.json'} exists; skipping (delete it to retrain)")
         return json.loads((out / "metrics.json").read_text())
     torch.manual_seed(cfg.seed)
-    generator, discriminator = UNet(cfg.unet_base, cfg.unet_depth).to(device), PatchDiscriminator().to(device)
+    size = splits.train.images.shape[-1]
+    generator = PositionalUNet(cfg.unet_base, cfg.unet_depth, cfg.pos_channels, size).to(device)
+    discriminator = PatchDiscriminator().to(device)
     opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))
     encryption = target_encryption(cfg)

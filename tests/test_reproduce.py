@@ -1,0 +1,39 @@
+"""`ppflower reproduce`: every cell of Table I comes from a stage's own output; stages resume."""
+
+from __future__ import annotations
+
+import json
+
+from sims.reproduce import reproduce
+
+
+def test_smoke_preset_table_is_measured_and_resumable(tmp_path, data_dir, vgg_weights):
+    out, work = tmp_path / "results", tmp_path / "work"
+    result = reproduce("smoke", out, work, data_dir, vgg_weights, log=lambda *a: None)
+    rows = {r["row"]: r for r in result["rows"]}
+    assert list(rows) == ["plain", "tanaka", "pixel", "pixel-per-image", "gan", "alpha0.005", "alpha0.1"]
+    # accuracies: exactly the stage outputs (ψ metrics, the user's metrics from the Flower run)
+    for row, stage in [("plain", "psi-resnet20"), ("tanaka", "psi-resnet20-tanaka"), ("pixel", "psi-resnet20-pixel"),
+                       ("pixel-per-image", "psi-resnet20-pixel-per-image"), ("gan", "psi-resnet20-gan")]:
+        measured = json.loads((out / f"{stage}.json").read_text())["test_accuracy"]
+        assert rows[row]["resnet20"]["measured"] == round(100 * measured, 2)
+    for alpha in ("0.005", "0.1"):
+        user = json.loads((out / f"transform-resnet20-a{alpha}" / "user-0.json").read_text())
+        assert rows[f"alpha{alpha}"]["resnet20"]["measured"] == round(100 * user["test_accuracy"], 2)
+        assert user["alpha"] == float(alpha)
+    # attack rows: medians from each attack's own per-image results; Tanaka has 6 channels, no protected PSNR
+    for row in ("tanaka", "pixel", "pixel-per-image", "gan", "alpha0.005", "alpha0.1"):
+        attack = json.loads((out / "attack" / f"{row}.json").read_text())
+        assert rows[row]["itn_psnr"]["median"] == attack["psnr_estimated"]["median"]
+    assert rows["tanaka"]["protected_psnr"] is None and rows["pixel"]["protected_psnr"]["median"] > 0
+    assert rows["alpha0.005"]["resnet20"]["paper"] == 91.72 and rows["gan"]["resnet20"]["paper"] is None
+    table = (out / "table1.md").read_text()
+    assert "Deviations from the paper" in table and f"| {rows['pixel']['resnet20']['measured']:.2f} |" in table
+    for fig in ("fig5_alpha.png", "fig6_attack.png", "fig7_psnr_boxplot.png"):
+        assert (out / fig).stat().st_size > 10_000
+    stages = json.loads((out / "stages.json").read_text())
+    assert all(s["finished"] and s["attempts"] == 1 for s in stages.values()) and len(stages) == 13
+    # a second run finds every stage done and only rewrites the report
+    again = reproduce("smoke", out, work, data_dir, vgg_weights, log=lambda *a: None)
+    assert again["rows"] == result["rows"]
+    assert all(s["attempts"] == 1 for s in json.loads((out / "stages.json").read_text()).values())
