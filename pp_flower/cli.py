@@ -190,6 +190,33 @@ def reproduce(
                   f"({len(result['rows'])} rows)")
 
 
+@app.command("deploy-local")
+def deploy_local_cmd(
+    users: int = typer.Option(2, "--users", help="Number of users, each a real SuperNode process."),
+    run_config: str = typer.Option("", "--run-config",
+                                   help='App run config, e.g. "classifier=runs/classifier/best.pt epochs=1".'),
+    workdir: Path = typer.Option(Path("runs/deploy-local"), "--workdir",
+                                 help="Certificates, process logs, the provider's run.json and each user's outputs."),
+    insecure: bool = typer.Option(False, "--insecure", help="No TLS, no SuperNode authentication (debugging only)."),
+    timeout: float = typer.Option(3600, "--timeout", help="Give up (and stop everything) after this many seconds."),
+):
+    """Flower's Deployment Engine on loopback: SuperLink + N SuperNodes as separate processes, TLS and node
+    authentication on, `flwr run` with the run config; results collected, every process stopped at the end."""
+    from pp_flower.config import AppConfig, parse_run_config
+    from sims.deploy_local import deploy_local
+    from strategies.provider import preflight
+
+    overrides = parse_run_config(run_config)
+    cfg = AppConfig.from_run_config(overrides)
+    preflight(cfg)
+    result = deploy_local(users, workdir, overrides, secure=not insecure, log=console.print, timeout=timeout,
+                          stream=lambda line: console.out(line, highlight=False))
+    for name, m in result["users"].items():
+        console.print(f"{name}: test accuracy {m['test_accuracy']:.4f}, protected PSNR "
+                      f"{m['protected_psnr']['median']:.2f} dB (median)")
+    console.print(f"[bold green]provider summary → {result['workdir']}/provider/run.json[/]")
+
+
 def _simulate_command() -> None:
     from sims.flower_simulation import cli as simulation_cli
 

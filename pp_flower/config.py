@@ -41,7 +41,10 @@ class AppConfig:
     # --- run mechanics ---
     run_dir: str = "runs/sim"
     step_timeout: float = 120.0     # seconds a user may take for one message before it is dropped for that step
-    max_failures: int = 3           # consecutive failures after which a user is dropped for good
+    max_failures: int = 3           # consecutive failures after which a user is dropped (until its node rejoins)
+    min_users: int = 0              # wait until this many users' SuperNodes are connected (0 = whoever is there)
+    wait_for_users: float = 300.0   # seconds to wait for min-users before giving up
+    checkpoint_every: int = 0       # users save a resume point every N steps (0 = at each validation only)
     num_threads: int = 0            # torch threads per user process (0 = leave torch's default)
     user_device: str = "auto"
 

@@ -12,9 +12,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision.models import VGG16_Weights, vgg16
-from torchvision.models.vgg import cfgs, make_layers
-
 from pp_flower.errors import PPFlowerError
 from pp_flower.models import Normalize
 
@@ -24,6 +21,22 @@ WEIGHTS_HELP = (
     "PPFLOWER_VGG_WEIGHTS, or let torchvision download/cache the weights (needs network access once)."
 )
 _CACHE: dict[tuple, nn.Module] = {}
+# torchvision's VGG configuration "D" (VGG16): conv widths, "M" = 2×2 max pooling
+VGG16_CONFIG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+
+def vgg16_features(layer: int) -> nn.Sequential:
+    """torchvision's ``vgg16().features[:layer]``: the same layers and state-dict keys, built without importing
+    torchvision — every deployed ClientApp message starts a fresh process, and that import costs ~2 s there."""
+    layers: list[nn.Module] = []
+    channels = 3
+    for v in VGG16_CONFIG:
+        if v == "M":
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+        else:
+            layers += [nn.Conv2d(channels, v, kernel_size=3, padding=1), nn.ReLU(inplace=True)]
+            channels = v
+    return nn.Sequential(*layers[:layer])
 
 
 class FeatureNet(nn.Module):
@@ -50,6 +63,8 @@ def resolve_weights_path(weights: str | os.PathLike | None) -> Path | None:
 
 
 def _torchvision_state_dict() -> dict[str, torch.Tensor]:
+    from torchvision.models import VGG16_Weights, vgg16
+
     try:
         return vgg16(weights=VGG16_Weights.IMAGENET1K_V1).state_dict()
     except Exception as exc:  # noqa: BLE001 - offline machines land here
@@ -63,7 +78,7 @@ def load_feature_net(weights: str | os.PathLike | None = None, layer: int = RELU
     key = (str(path), layer, str(device))
     if key in _CACHE:
         return _CACHE[key]
-    features = make_layers(cfgs["D"])[:layer]  # = vgg16().features[:layer], without building the classifier
+    features = vgg16_features(layer)
     if path is None:
         state = _torchvision_state_dict()
     else:

@@ -121,3 +121,8 @@ def validate_submission(msg: Message, allowed_ids: torch.Tensor, image_shape: tu
     if len(torch.unique(ids)) != n:
         raise ProtocolError("ids repeat a sample")
     return Submission(msg.metadata.src_node_id, step, batch, xhat, ids)
+
+
+# A ClientApp whose node lost its state (a restarted SuperNode) answers with an error containing this text;
+# the provider then sends it a resume setup.
+NOT_SET_UP = "this user has not been set up"

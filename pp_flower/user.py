@@ -17,11 +17,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 
 from pp_flower import protocol as P
-from pp_flower.checkpoints import save_atomic, transform_blob
+from pp_flower.checkpoints import load_checkpoint, save_atomic, transform_blob
 from pp_flower.config import AppConfig
 from pp_flower.data import load_datasets, to_float
 from pp_flower.features import load_feature_net
-from pp_flower.metrics import psnr, ssim, summary
 from pp_flower.models import UNet, unet_from_state_dict
 from pp_flower.transform import (apply_class_gradient, init_transform_net, make_optimizer, produce, set_lr,
                                  train_batch, user_seed)
@@ -49,7 +48,7 @@ class User:
     def __init__(self, context: Context):
         state = context.state
         if S_CONFIG not in state.config_records:
-            raise RuntimeError("this user has not been set up (no query.setup message received)")
+            raise RuntimeError(f"{P.NOT_SET_UP} (no query.setup message received; a restarted SuperNode?)")
         meta = dict(state.config_records[S_CONFIG])
         self.index = int(meta.pop("user-index"))
         self.steps_per_epoch = int(meta.pop("steps-per-epoch"))
@@ -77,6 +76,7 @@ class User:
         """Store the provider's config and the sample ids handed to this user; initialise h_θ."""
         content = msg.content
         meta = dict(content.config_records[P.CONFIG])
+        resume = bool(int(meta.pop("resume", 0)))
         cfg = AppConfig.from_run_config({k: v for k, v in meta.items()
                                          if k not in ("user-index", "steps-per-epoch", "out-dir")})
         for key, value in context.node_config.items():  # a user's own machine may override data paths
@@ -94,9 +94,42 @@ class User:
             if key in state:
                 del state[key]
         user = User(context)
+        if resume:
+            user.load_resume_point()
         user.images("train")  # load (and cache) the images now, so the first step is not slowed by it
         user.feature_net()
-        return {"n-params": sum(p.numel() for p in net.parameters()), "n-train": len(user.ids["train"])}
+        return {"n-params": sum(p.numel() for p in net.parameters()), "n-train": len(user.ids["train"]),
+                "step": int(user.progress["step"])}
+
+    # --- resume points (a restarted SuperNode loses context.state; its disk keeps these) -----------------
+    def save_resume_point(self) -> None:
+        buffers = {name: self.opt.state[p]["momentum_buffer"].cpu() for name, p in self.net.named_parameters()
+                   if "momentum_buffer" in self.opt.state.get(p, {})}
+        progress = {**self.progress, "pending": False}
+        save_atomic({"kind": "user_state", "user-index": self.index, "unet-base": self.cfg.unet_base,
+                     "alpha": self.cfg.alpha, "state_dict": {k: v.cpu() for k, v in self.net.state_dict().items()},
+                     "momentum": buffers, "progress": progress}, self.out_dir / "resume.pt")
+
+    def load_resume_point(self) -> None:
+        """Continue from ``out-dir/resume.pt`` (and ``best.pt``) when they belong to this user and config."""
+        path = self.out_dir / "resume.pt"
+        if not path.exists():
+            log.warning("user %d: no resume point in %s; starting h_θ afresh", self.index, self.out_dir)
+            return
+        blob = load_checkpoint(path, "user_state")
+        if (blob["user-index"], blob["unet-base"], blob["alpha"]) != (self.index, self.cfg.unet_base, self.cfg.alpha):
+            log.warning("user %d: %s belongs to another user or config; starting h_θ afresh", self.index, path)
+            return
+        self.net.load_state_dict(blob["state_dict"])
+        for name, p in self.net.named_parameters():
+            if name in blob["momentum"]:
+                self.opt.state[p]["momentum_buffer"] = blob["momentum"][name].to(self.device)
+        self.progress = dict(blob["progress"])
+        if (self.out_dir / "best.pt").exists():
+            best = load_checkpoint(self.out_dir / "best.pt", "transform_net")
+            self.context.state[S_BEST] = ArrayRecord(best["state_dict"])
+        self.save()
+        log.info("user %d: resumed from %s at step %d", self.index, path, int(self.progress["step"]))
 
     def save(self) -> None:
         state = self.context.state
@@ -143,6 +176,8 @@ class User:
                 self.progress["feature-losses"] = list(self.progress["feature-losses"]) + [l_feat]
                 step += 1
                 self.progress.update(step=step, pending=False)
+                if self.cfg.checkpoint_every and step % self.cfg.checkpoint_every == 0:
+                    self.save_resume_point()
             else:
                 log.warning("user %d: ignoring stale gradient for step %d (at step %d)", self.index, grad_step, step)
         if refused != P.NONE and refused == step and self.progress["pending"]:
@@ -203,6 +238,8 @@ class User:
                 per_sample_feat = ((fxh - fx) ** 2).flatten(1).mean(1).cpu()
                 extra = {"feat": per_sample_feat}
                 if phase == "test":
+                    from pp_flower.metrics import psnr, ssim  # torchmetrics: only on the test path (import cost)
+
                     extra.update(psnr=psnr(xhat, x).cpu(), ssim=ssim(xhat, x).cpu())
             for key, value in extra.items():
                 acc[key] = torch.cat([acc[key], value]) if key in acc else value
@@ -219,6 +256,8 @@ class User:
         return reply
 
     def _finish_phase(self, phase: str, acc: dict[str, torch.Tensor]) -> dict:
+        from pp_flower.metrics import summary
+
         if phase == "val":
             l_class, l_feat = acc["ce"].mean().item(), acc["feat"].mean().item()
             l_trans = l_class - self.cfg.alpha * l_feat
@@ -230,11 +269,11 @@ class User:
                 save_atomic(transform_blob(self.net, alpha=self.cfg.alpha, epoch=epoch, val_transform_loss=l_trans),
                             self.out_dir / "best.pt")
             save_atomic(transform_blob(self.net, alpha=self.cfg.alpha, epoch=epoch), self.out_dir / "final.pt")
+            self.save_resume_point()
             return {"val-class-loss": l_class, "val-feature-loss": l_feat, "val-transform-loss": l_trans,
                     "epoch": epoch}
-        _, labels = self.images("test")
-        ids = self.ids["test"][: len(acc["pred"])]
-        accuracy = (acc["pred"] == labels[ids]).double().mean().item()
+        ids = self.ids["test"][: len(acc["correct"])]
+        accuracy = acc["correct"].double().mean().item()  # the provider says right/wrong; no labels here
         metrics = {
             "user": self.index, "alpha": self.cfg.alpha, "test_accuracy": accuracy, "n_test": len(ids),
             "protected_psnr": summary(acc["psnr"]), "protected_ssim": summary(acc["ssim"]),

@@ -11,6 +11,18 @@ from pp_flower.config import AppConfig
 from pp_flower.user import User, reply_message
 from strategies.provider import ProviderStrategy
 
+def route_logs_to_flower() -> None:
+    """Send pp_flower's log records through Flower's logger, so `flwr run --stream` and SuperNode logs show them."""
+    import logging
+
+    ours, flower = logging.getLogger("pp_flower"), logging.getLogger("flwr")
+    ours.setLevel(logging.INFO)
+    for handler in flower.handlers:
+        if handler not in ours.handlers:
+            ours.addHandler(handler)
+    ours.propagate = not flower.handlers
+
+
 # ---------------------------------------------------------------------------------------- the provider
 
 
@@ -20,6 +32,7 @@ def make_server_app(message_log=None) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        route_logs_to_flower()
         cfg = AppConfig.from_run_config(context.run_config)
         ProviderStrategy.from_config(cfg, message_log=message_log).run(grid)
 
@@ -35,8 +48,10 @@ client_app = ClientApp()
 
 @client_app.query("setup")
 def setup(msg: Message, context: Context) -> Message:
+    route_logs_to_flower()
     info = User.setup(context, msg)
-    return Message(content=P.make_content(control={"step": 0, "batch": P.NONE}, metrics=info), reply_to=msg)
+    step = info.pop("step")  # > 0 when a restarted user resumed from its resume point
+    return Message(content=P.make_content(control={"step": step, "batch": P.NONE}, metrics=info), reply_to=msg)
 
 
 @client_app.train("step")

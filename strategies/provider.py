@@ -53,6 +53,8 @@ class UserTrack:
     refused: tuple[int, str] | None = None
     failures: int = 0
     active: bool = True
+    needs_setup: bool = False        # its SuperNode restarted with the same node id and lost its state
+    rejoins: list[tuple[int, int, int]] = field(default_factory=list)  # (provider round, node id, resumed step)
     dropped_steps: list[tuple[int, str]] = field(default_factory=list)
     class_losses: list[float] = field(default_factory=list)
     final_metrics: dict = field(default_factory=dict)
@@ -89,10 +91,11 @@ class ProviderStrategy:
 
     def __init__(self, cfg: AppConfig, classifier: torch.nn.Module, train_labels: torch.Tensor,
                  ids: dict[str, torch.Tensor], image_shape: tuple[int, ...] = (3, 32, 32),
-                 message_log: MessageLog | None = None):
+                 message_log: MessageLog | None = None, test_labels: torch.Tensor | None = None):
         self.cfg = cfg
         self.classifier = classifier.eval()
-        self.train_labels = train_labels
+        self.train_labels = train_labels  # labels of the training set (train and val ids index into it)
+        self.test_labels = test_labels if test_labels is not None else train_labels
         self.ids = ids
         self.image_shape = image_shape
         self.message_log = message_log
@@ -100,6 +103,8 @@ class ProviderStrategy:
         self.bar = Bar("", None)
         self.public_weights: dict[str, torch.Tensor] | None = None
         self.rounds: list[dict] = []
+        self._last_node_check = 0.0
+        self.activations: dict[int, str] = {}
         self.microbatch = cfg.provider_microbatch
         if self.microbatch < 0:
             on_gpu = next(classifier.parameters()).device.type == "cuda"
@@ -124,7 +129,8 @@ class ProviderStrategy:
                              limit_eval=cfg.limit_eval or None)
         ids = {"train": splits.train_ids, "val": splits.val_ids, "test": splits.test_ids}
         shape = tuple(splits.train_all.images.shape[1:])
-        return cls(cfg, classifier.to(device), splits.train_all.labels, ids, shape, message_log)
+        return cls(cfg, classifier.to(device), splits.train_all.labels, ids, shape, message_log,
+                   test_labels=splits.test_all.labels)
 
     # --- messaging -------------------------------------------------------------------------------------
     def exchange(self, grid: Grid, messages: list[Message], timeout: float, phase: str = "train"
@@ -155,8 +161,9 @@ class ProviderStrategy:
         if phase == "train":
             self.timing["wait"] += time.perf_counter() - start
         for mid in outstanding:
-            user = self.users[sent_to[mid]]
-            self._fail(user, f"no reply within {timeout:g} s")
+            user = self.users.get(sent_to[mid])
+            if user is not None:
+                self._fail(user, f"no reply within {timeout:g} s")
         return replies
 
     def _record(self, direction: str, msg: Message, phase: str) -> None:
@@ -178,6 +185,8 @@ class ProviderStrategy:
         if reply is None:
             return False
         if reply.has_error():
+            if P.NOT_SET_UP in reply.error.reason:
+                user.needs_setup = True
             self._fail(user, f"ClientApp error: {reply.error.reason}")
             return False
         return True
@@ -204,10 +213,73 @@ class ProviderStrategy:
         (out / "run.json").write_text(json.dumps(summary, indent=2))
         return summary
 
+    def wait_for_users(self, grid: Grid) -> list[int]:
+        """The connected users' node ids, once ``min-users`` of them are there (deployment: nodes join late)."""
+        wanted = max(1, self.cfg.min_users)
+        deadline = time.time() + self.cfg.wait_for_users
+        while True:
+            nodes = sorted(grid.get_node_ids())
+            if len(nodes) >= wanted:
+                return nodes
+            if time.time() > deadline:
+                raise PPFlowerError(f"Only {len(nodes)} of {wanted} users (SuperNodes) connected within "
+                                    f"{self.cfg.wait_for_users:g} s.")
+            time.sleep(0.2)
+
+    def _setup_message(self, user: UserTrack, node: int, resume: bool = False) -> Message:
+        config = {**self.cfg.to_run_config(), "user-index": user.index, "steps-per-epoch": self.steps_per_epoch,
+                  "out-dir": str(Path(self.cfg.run_dir) / f"user-{user.index}"), "resume": int(resume)}
+        config.pop("classifier")  # where ψ lives is the provider's business
+        return Message(content=P.make_content(config=config, ids=user.ids), dst_node_id=node, message_type=P.SETUP)
+
+    @staticmethod
+    def node_activations(grid: Grid) -> dict[int, str]:
+        """Online node id → when it last (re)connected; a changed time means its SuperNode restarted."""
+        if not hasattr(grid, "get_nodes"):  # a minimal Grid (tests): ids only
+            return {node: "" for node in grid.get_node_ids()}
+        return {n.node_id: getattr(n, "last_activated_at", "") for n in grid.get_nodes()}
+
+    def reconnect(self, grid: Grid) -> None:
+        """Give a failing or dropped user its place back when its SuperNode returns.
+
+        A restarted SuperNode keeps its node id when its key is registered (its activation time changes, or it
+        answers "not set up"); an unregistered deployment gives it a new id, which takes the vacant place.
+        The user resumes from its last resume point (``checkpoint-every``) and redoes the steps after it.
+        Checked at most every 2 s, and only while some user is failing or dropped.
+        """
+        waiting = [u for u in self.users.values() if u.failures > 0 or not u.active]
+        now = time.perf_counter()
+        if not waiting or now - self._last_node_check < 2.0:
+            return
+        self._last_node_check = now
+        online = self.node_activations(grid)
+        fresh = sorted(set(online) - set(self.users))
+        for user in waiting:
+            restarted = user.node_id in online and online[user.node_id] != self.activations.get(user.node_id)
+            if user.node_id in online and (user.needs_setup or restarted):
+                node = user.node_id
+            elif user.node_id not in online and fresh:
+                node = fresh.pop(0)
+            else:
+                continue
+            self.activations[node] = online[node]  # one attempt per (re)connection
+            reply = self.exchange(grid, [self._setup_message(user, node, resume=True)], self.cfg.step_timeout,
+                                  "setup").get(node)
+            if reply is None or reply.has_error():
+                log.warning("user %d could not rejoin on node %d: %s", user.index, node,
+                            reply.error.reason if reply is not None and reply.has_error() else "no reply")
+                continue
+            del self.users[user.node_id]
+            user.node_id, self.users[node] = node, user
+            user.applied = int(reply.content.config_records[P.CONTROL]["step"])
+            user.pending = user.refused = None
+            user.failures, user.active, user.needs_setup = 0, True, False
+            user.rejoins.append((self.timing["steps"], node, user.applied))
+            log.warning("user %d rejoined on node %d, resuming at step %d", user.index, node, user.applied)
+
     def setup(self, grid: Grid) -> None:
-        nodes = sorted(grid.get_node_ids())
-        if not nodes:
-            raise PPFlowerError("No users (SuperNodes) are connected.")
+        nodes = self.wait_for_users(grid)
+        self.activations = self.node_activations(grid)
         shards = user_shards(len(self.ids["train"]), len(nodes), self.cfg.partition, self.cfg.seed)
         min_shard = min(len(s) for s in shards)
         if min_shard == 0:
@@ -218,11 +290,7 @@ class ProviderStrategy:
             ids = {"train": self.ids["train"][shard], "val": self.ids["val"], "test": self.ids["test"]}
             user = UserTrack(node, index, ids)
             self.users[node] = user
-            config = {**self.cfg.to_run_config(), "user-index": index, "steps-per-epoch": self.steps_per_epoch,
-                      "out-dir": str(Path(self.cfg.run_dir) / f"user-{index}")}
-            config.pop("classifier")  # where ψ lives is the provider's business
-            content = P.make_content(config=config, ids=ids)
-            messages.append(Message(content=content, dst_node_id=node, message_type=P.SETUP))
+            messages.append(self._setup_message(user, node))
         replies = self.exchange(grid, messages, max(self.cfg.step_timeout, 600.0), "setup")
         for node, user in self.users.items():
             if not self._reply_ok(user, replies.get(node)):
@@ -250,6 +318,7 @@ class ProviderStrategy:
         fedavg = self.cfg.aggregate == "fedavg"
         rounds_since_average = 0
         while True:
+            self.reconnect(grid)
             todo = [u for u in self.users.values() if u.active and not u.done(end)]
             if fedavg and (not todo or rounds_since_average >= self.cfg.aggregate_every):
                 self.average(grid)
@@ -406,7 +475,8 @@ class ProviderStrategy:
                         ce = torch.nn.functional.cross_entropy(part, self.train_labels[sub.ids], reduction="none")
                         results[user.node_id] = {"ce": ce.float()}
                     else:
-                        results[user.node_id] = {"pred": part.argmax(1)}
+                        # only right/wrong goes back: the user needs no labels to know its accuracy
+                        results[user.node_id] = {"correct": (part.argmax(1) == self.test_labels[sub.ids]).to(torch.uint8)}
                     progress[user.node_id] += 1
                 self.timing["provider_compute"] += time.perf_counter() - t0
         return done
@@ -421,7 +491,7 @@ class ProviderStrategy:
                        / max(t["train_images"], 1)},
             "rounds": self.rounds,
             "users": [{"index": u.index, "node_id": u.node_id, "active": u.active, "steps_applied": u.applied,
-                       "dropped_steps": u.dropped_steps, "train_class_loss_curve": u.class_losses,
+                       "dropped_steps": u.dropped_steps, "rejoins": u.rejoins, "train_class_loss_curve": u.class_losses,
                        "val": u.val_metrics, "test": u.final_metrics}
                       for u in sorted(self.users.values(), key=lambda u: u.index)],
         }

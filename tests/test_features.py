@@ -35,3 +35,17 @@ def test_incomplete_weights_are_refused(tmp_path, vgg_weights):
     with pytest.raises(PPFlowerError, match="not a state dict|Cannot read"):
         (tmp_path / "junk.pth").write_text("junk")
         load_feature_net(tmp_path / "junk.pth")
+
+
+def test_phi_layers_equal_torchvisions_vgg16(vgg_weights):
+    """φ is built without importing torchvision (ClientApp start-up); it must equal torchvision's VGG16."""
+    from torchvision.models.vgg import cfgs, make_layers
+
+    from pp_flower.features import vgg16_features
+
+    ours, theirs = vgg16_features(16), make_layers(cfgs["D"])[:16]
+    assert [type(m) for m in ours] == [type(m) for m in theirs]
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(ours(x), theirs(x))

@@ -1,0 +1,103 @@
+"""Round trip per training step: deployment (SuperLink + SuperNodes as processes, TLS + auth) vs simulation.
+
+    python benchmarks/bench_deployment.py --steps 8 --users 2 --out benchmarks/results_deployment_cpu2.json
+
+Same app, same run config, same machine. A round = the provider sends every user its gradient and the request
+for the next batch, and collects the protected batches. Reported per mode: median round seconds (steady state,
+first two rounds excluded), user compute on the critical path, provider compute, and the rest (messaging:
+process start-up per message in deployment, polling, serialisation). Deployment runs twice: with
+``ppflower-supernode`` (shorter polling) and with plain ``flower-supernode``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("PPFLOWER_QUIET", "1")
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+WARMUP = 2
+
+
+def summarise(run: dict, mode: str, wall: float) -> dict:
+    rounds = [r["seconds"] for r in run["rounds"] if r["images"] > 0][WARMUP:]
+    t = run["timing"]
+    n = max(t["steps"], 1)
+    median = statistics.median(rounds)
+    return {"mode": mode, "median_round_seconds": median, "rounds_measured": len(rounds),
+            "user_compute_critical_per_round": t["user_compute_critical"] / n,
+            "provider_compute_per_round": t["provider_compute"] / n,
+            "messaging_per_round": median - t["user_compute_critical"] / n - t["provider_compute"] / n,
+            "wall_seconds_whole_run": wall}
+
+
+def run_config(args, classifier: str, run_dir: Path) -> dict:
+    return {"classifier": classifier, "run-dir": str(run_dir), "epochs": 1, "batch-size": args.batch_size,
+            "unet-base": args.unet_base, "limit-train": args.users * args.batch_size * args.steps,
+            "limit-eval": 100, "eval-chunk": 100, "num-threads": max(1, (os.cpu_count() or 2) // args.users),
+            "min-users": args.users}
+
+
+def bench_simulation(args, classifier: str) -> dict:
+    from pp_flower.config import AppConfig
+    from sims.flower_simulation import simulate
+    from sims.main import client_app, server_app
+
+    run_dir = Path(tempfile.mkdtemp(prefix="bench-sim-"))
+    cfg = AppConfig.from_run_config(run_config(args, classifier, run_dir))
+    t0 = time.perf_counter()
+    simulate(server_app, client_app, args.users, cfg.to_run_config(), num_cpus=1.0)
+    return summarise(json.loads((run_dir / "run.json").read_text()), "simulation (flower-simulation)",
+                     time.perf_counter() - t0)
+
+
+def bench_deployment(args, classifier: str, fast: bool) -> dict:
+    from sims.deploy_local import LocalDeployment
+
+    work = Path(tempfile.mkdtemp(prefix="bench-dep-"))
+    run_dir = work / "provider"
+    t0 = time.perf_counter()
+    with LocalDeployment(work, users=args.users, secure=True, fast_supernode=fast) as dep:
+        rc = dep.run_app(run_config(args, classifier, run_dir), timeout=1800)
+    if rc != 0:
+        raise SystemExit(f"deployment run failed; see {work}")
+    mode = "deployment, TLS + auth, " + ("ppflower-supernode" if fast else "flower-supernode")
+    return summarise(json.loads((run_dir / "run.json").read_text()), mode, time.perf_counter() - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--classifier", required=True, help="ψ checkpoint (speed does not depend on its weights)")
+    parser.add_argument("--users", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=8, help="training steps per user")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--unet-base", type=int, default=16)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    import flwr
+    import torch
+
+    results = [bench_simulation(args, args.classifier), bench_deployment(args, args.classifier, fast=True),
+               bench_deployment(args, args.classifier, fast=False)]
+    for r in results:
+        print(f"{r['mode']:<48} round {r['median_round_seconds']:.2f} s  (user {r['user_compute_critical_per_round']:.2f}"
+              f" + provider {r['provider_compute_per_round']:.2f} + messaging {r['messaging_per_round']:.2f})")
+    if args.out:
+        args.out.write_text(json.dumps({
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
+                       f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}",
+            "torch": torch.__version__, "flwr": flwr.__version__, "args": {k: str(v) for k, v in vars(args).items()},
+            "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

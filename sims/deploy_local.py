@@ -1,0 +1,370 @@
+"""``ppflower deploy-local --users N``: the app on Flower's Deployment Engine, every party a real process.
+
+On loopback it does what docs/deployment.md tells the provider and the users to do on their machines:
+
+1. credentials: a CA, the SuperLink's TLS certificate (SAN 127.0.0.1 / localhost) and one P-384 key pair
+   per user's SuperNode (:func:`make_credentials`);
+2. ``flower-superlink`` with TLS and ``--enable-supernode-auth`` (only registered nodes may connect);
+3. ``flwr supernode register`` for each user's public key;
+4. one SuperNode per user (``ppflower-supernode``: ``flower-supernode`` with shorter polling), each with its
+   own ``--node-config out-dir=…`` (where its h_θ and metrics stay) and private key;
+5. ``flwr run . <connection> --stream`` with the run config; the provider's ``run.json`` and every user's
+   ``metrics.json`` are collected at the end;
+6. every process is stopped on exit — normal end, error, Ctrl-C, or one of them dying.
+
+``insecure=True`` (the CLI's ``--insecure``) turns TLS and authentication off; it exists for debugging only.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pp_flower.errors import PPFlowerError
+
+REPO = Path(__file__).resolve().parent.parent
+CONNECTION = "pp-local"
+
+
+# ------------------------------------------------------------------------------------------ credentials
+@dataclass
+class Credentials:
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+    node_keys: list[tuple[Path, Path]]  # (private key, public key) per user, OpenSSH format
+
+
+def _write(path: Path, data: bytes, private: bool = False) -> Path:
+    path.write_bytes(data)
+    if private:
+        path.chmod(0o600)
+    return path
+
+
+def make_credentials(folder: Path, users: int, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"),
+                     days: int = 30) -> Credentials:
+    """A CA, a SuperLink certificate for ``hosts`` signed by it, and ``users`` SuperNode key pairs.
+
+    The same files the shell commands in docs/deployment.md make with ``openssl`` and ``ssh-keygen``.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    folder.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.timezone.utc)
+    pem = serialization.Encoding.PEM
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_cert = (x509.CertificateBuilder().subject_name(name("pp-flower local CA")).issuer_name(name("pp-flower local CA"))
+               .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
+               .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+               .sign(ca_key, hashes.SHA256()))
+    server_key = ec.generate_private_key(ec.SECP384R1())
+    sans = []
+    for host in hosts:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            sans.append(x509.DNSName(host))
+    server_cert = (x509.CertificateBuilder().subject_name(name(hosts[0])).issuer_name(ca_cert.subject)
+                   .public_key(server_key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
+                   .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+                   .sign(ca_key, hashes.SHA256()))
+    no_pw = serialization.NoEncryption()
+    creds = Credentials(
+        ca_cert=_write(folder / "ca.crt", ca_cert.public_bytes(pem)),
+        server_cert=_write(folder / "server.pem", server_cert.public_bytes(pem)),
+        server_key=_write(folder / "server.key", server_key.private_bytes(
+            pem, serialization.PrivateFormat.TraditionalOpenSSL, no_pw), private=True),
+        node_keys=[],
+    )
+    for i in range(users):
+        creds.node_keys.append(make_node_key(folder, f"user-{i}"))
+    return creds
+
+
+def make_node_key(folder: Path, stem: str) -> tuple[Path, Path]:
+    """A SuperNode's P-384 key pair in OpenSSH format (``ssh-keygen -t ecdsa -b 384``)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    private = _write(folder / stem, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                                      serialization.NoEncryption()), private=True)
+    public = _write(folder / f"{stem}.pub", key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + f" {stem}\n".encode())
+    return private, public
+
+
+def _bin(name: str) -> str:
+    """A console script of the running environment (flwr's CLIs are installed next to its python)."""
+    path = Path(sys.executable).parent / name
+    return str(path) if path.exists() else name
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------------------ processes
+@dataclass
+class LocalDeployment:
+    """A SuperLink and SuperNodes on loopback, as separate processes (a context manager that stops them)."""
+
+    workdir: Path
+    users: int = 2
+    secure: bool = True
+    fast_supernode: bool = True  # ppflower-supernode (shorter polling) instead of plain flower-supernode
+    port: int = 0
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    node_ports: dict[str, int] = field(default_factory=dict)
+    creds: Credentials | None = None
+
+    def __post_init__(self):
+        self.workdir = Path(self.workdir).resolve()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = self.port or free_port()
+        self.flwr_home = self.workdir / "flwr-home"
+        self.env = {**os.environ, "FLWR_HOME": str(self.flwr_home),
+                    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONUNBUFFERED": "1"}
+        bindir = str(Path(sys.executable).parent)
+        if bindir not in self.env.get("PATH", "").split(os.pathsep):
+            self.env["PATH"] = bindir + os.pathsep + self.env.get("PATH", "")
+
+    # --- lifecycle -----------------------------------------------------------------------------------
+    def __enter__(self) -> "LocalDeployment":
+        try:
+            self.start()
+        except BaseException:  # Ctrl-C or a failure half-way: stop what was started
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        if self.secure:
+            self.creds = make_credentials(self.workdir / "certificates", self.users)
+        self.write_connection()
+        self.start_superlink()
+        for i in range(self.users):
+            if self.secure:
+                self.register(self.creds.node_keys[i][1])
+            self.start_supernode(i)
+
+    def write_connection(self) -> None:
+        """The `flwr` CLI's connection entry for this SuperLink (FLWR_HOME/config.toml)."""
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]",
+                 f'address = "127.0.0.1:{self.port}"']
+        lines.append(f'root-certificates = "{self.creds.ca_cert}"' if self.secure else "insecure = true")
+        (self.flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
+
+    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
+        logfile = open(self.workdir / f"{name}.log", "ab")
+        proc = subprocess.Popen(argv, stdout=logfile, stderr=subprocess.STDOUT, env=self.env, cwd=REPO,
+                                start_new_session=True)  # own process group: stop() takes its children too
+        logfile.close()
+        self.processes[name] = proc
+        return proc
+
+    def start_superlink(self) -> None:
+        argv = [_bin("flower-superlink"), "--port", str(self.port), "--disable-runtime-dependency-installation",
+                "--database", str(self.workdir / "superlink.db")]
+        if self.secure:
+            argv += ["--ssl-ca-certfile", str(self.creds.ca_cert), "--ssl-certfile", str(self.creds.server_cert),
+                     "--ssl-keyfile", str(self.creds.server_key), "--enable-supernode-auth"]
+        else:
+            argv += ["--insecure"]
+        self._spawn("superlink", argv)
+        self.wait_for_log("superlink", "Uvicorn running", 60)
+
+    def register(self, public_key: Path) -> str:
+        """``flwr supernode register``: allow the SuperNode holding this key to connect."""
+        out = self.flwr(["supernode", "register", str(public_key), CONNECTION, "--format", "json"])
+        return out
+
+    def start_supernode(self, index: int, private_key: Path | None = None, name: str | None = None,
+                        auth: bool = True) -> None:
+        name = name or f"supernode-{index}"
+        port = self.node_ports.get(name) or free_port()
+        self.node_ports[name] = port
+        out_dir = self.workdir / "nodes" / name  # this user's h_θ, resume points and metrics stay here
+        launcher = [sys.executable, "-m", "sims.supernode"] if self.fast_supernode else [_bin("flower-supernode")]
+        argv = [*launcher, "--superlink", f"127.0.0.1:{self.port}",
+                "--port", str(port), "--node-config", f'out-dir="{out_dir}"', "--max-wait-time", "60"]
+        if self.secure:
+            argv += ["--root-certificates", str(self.creds.ca_cert)]
+            if auth:
+                argv += ["--auth-supernode-private-key", str(private_key or self.creds.node_keys[index][0])]
+        else:
+            argv += ["--insecure"]
+        self._spawn(name, argv)
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.processes[name]
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        """Stop every process group: SIGTERM, then SIGKILL after 10 s."""
+        for proc in self.processes.values():
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.time() + 10
+        for proc in self.processes.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait(timeout=10)
+
+    # --- helpers -------------------------------------------------------------------------------------
+    def logtext(self, name: str) -> str:
+        path = self.workdir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def wait_for_log(self, name: str, needle: str, timeout: float) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if needle in self.logtext(name):
+                return
+            proc = self.processes[name]
+            if proc.poll() is not None:
+                raise PPFlowerError(f"{name} exited with code {proc.returncode}; its log:\n{self.logtext(name)[-3000:]}")
+            time.sleep(0.2)
+        raise PPFlowerError(f"{name} did not print '{needle}' within {timeout:g} s; its log:\n"
+                            f"{self.logtext(name)[-3000:]}")
+
+    def flwr(self, args: list[str], timeout: float = 120) -> str:
+        argv = [_bin("flwr"), *args]
+        result = subprocess.run(argv, capture_output=True, text=True, env=self.env, cwd=REPO, timeout=timeout)
+        if result.returncode != 0:
+            raise PPFlowerError(f"`flwr {' '.join(args)}` failed ({result.returncode}):\n{result.stdout}{result.stderr}")
+        return result.stdout
+
+    def run_app(self, run_config: dict, timeout: float = 1800, on_line=None, watchdog=None) -> int:
+        """``flwr run . <connection> --stream``; returns its exit code once the run's log stream ends.
+
+        ``on_line`` sees every log line; ``watchdog()`` runs about once a second and may raise to abort.
+        """
+        import queue
+        import threading
+
+        rc = " ".join(f"{k}={_toml(v)}" for k, v in run_config.items())
+        argv = [_bin("flwr"), "run", ".", CONNECTION, "--stream", "--run-config", rc]
+        logfile = self.workdir / "flwr-run.log"
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env,
+                                cwd=REPO, start_new_session=True)
+        self.processes["flwr-run"] = proc
+        lines: queue.Queue = queue.Queue()
+        threading.Thread(target=lambda: ([lines.put(line) for line in proc.stdout], lines.put(None)),
+                         daemon=True).start()
+        deadline = time.time() + timeout
+        with open(logfile, "w") as log:
+            while True:
+                try:
+                    line = lines.get(timeout=1.0)
+                except queue.Empty:
+                    line = ""
+                if line is None:
+                    break
+                if line:
+                    log.write(line)
+                    log.flush()
+                    if on_line:
+                        on_line(line.rstrip("\n"))
+                if watchdog:
+                    watchdog()
+                if time.time() > deadline:
+                    raise PPFlowerError(f"The run did not finish within {timeout:g} s (log: {logfile}).")
+        return proc.wait()
+
+    def dead(self) -> list[str]:
+        return [n for n, p in self.processes.items() if n != "flwr-run" and p.poll() is not None]
+
+
+def _toml(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))
+
+
+# ------------------------------------------------------------------------------------------ the command
+def deploy_local(users: int, workdir: Path, run_config: dict, secure: bool = True, log=print,
+                 timeout: float = 3600, stream=print) -> dict:
+    """Start everything, run the app, collect results, stop everything (also on Ctrl-C or a dead process)."""
+    workdir = Path(workdir).resolve()
+    run_dir = workdir / "provider"
+    run_config = {**run_config, "run-dir": str(run_dir), "min-users": users}
+
+    def terminate(signum, frame):  # `kill` on this process stops everything like Ctrl-C does
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        return _deploy(users, workdir, run_dir, run_config, secure, log, timeout, stream)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _deploy(users, workdir, run_dir, run_config, secure, log, timeout, stream) -> dict:
+    with LocalDeployment(workdir, users, secure) as dep:
+        log(f"SuperLink on 127.0.0.1:{dep.port} ({'TLS + SuperNode authentication' if secure else 'INSECURE'}), "
+            f"{users} SuperNodes; logs in {workdir}")
+
+        warned: set[str] = set()
+
+        def watchdog() -> None:
+            for name in dep.dead():
+                if name == "superlink":
+                    raise PPFlowerError(f"The SuperLink died during the run; see {workdir}/superlink.log")
+                if name not in warned:
+                    warned.add(name)
+                    log(f"[yellow]{name} exited (code {dep.processes[name].returncode}); the provider drops its "
+                        f"user for the steps it misses — restart it to rejoin (see docs/deployment.md)[/]")
+
+        rc = dep.run_app(run_config, timeout=timeout, on_line=stream, watchdog=watchdog)
+        if rc != 0:
+            raise PPFlowerError(f"`flwr run` exited with {rc}; see {workdir}/flwr-run.log")
+    summary_file = run_dir / "run.json"
+    if not summary_file.exists():
+        raise PPFlowerError(f"The run ended without writing {summary_file}; see {workdir}/flwr-run.log and "
+                            f"{workdir}/superlink.log")
+    summary = json.loads(summary_file.read_text())
+    users_metrics = {}
+    for path in sorted(workdir.glob("nodes/*/metrics.json")):
+        metrics = json.loads(path.read_text())
+        users_metrics[f"user-{metrics['user']} ({path.parent.name})"] = metrics
+    return {"run": summary, "users": users_metrics, "workdir": str(workdir)}

@@ -1,0 +1,123 @@
+"""The app on Flower's Deployment Engine: SuperLink + SuperNodes as real processes on loopback, TLS and
+SuperNode authentication on (sims.deploy_local, the code behind `ppflower deploy-local`)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import ssl
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from sims.deploy_local import LocalDeployment, make_node_key
+from tests.test_flower_app import TINY
+
+
+def _run_config(classifier_ckpt, run_dir, **overrides) -> dict:
+    return {**TINY, "classifier": str(classifier_ckpt), "run-dir": str(run_dir), "min-users": 2,
+            "wait-for-users": 120.0, "step-timeout": 60.0, **overrides}
+
+
+def test_tls_and_auth_run_completes_and_unregistered_nodes_are_refused(tmp_path, classifier_ckpt):
+    run_dir = tmp_path / "provider"
+    with LocalDeployment(tmp_path / "dep", users=2, secure=True) as dep:
+        # TLS: the SuperLink's port speaks HTTPS with our CA's certificate, and nothing in plain HTTP
+        ctx = ssl.create_default_context(cafile=str(dep.creds.ca_cert))
+        with socket.create_connection(("127.0.0.1", dep.port), timeout=10) as raw:
+            with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                assert tls.version() in ("TLSv1.2", "TLSv1.3")
+        with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
+            urllib.request.urlopen(f"http://127.0.0.1:{dep.port}/", timeout=10)
+
+        # an intruder with a key nobody registered, and a node with no key at all
+        intruder_key, _ = make_node_key(dep.workdir / "certificates", "intruder")
+        dep.start_supernode(90, private_key=intruder_key, name="intruder")
+        dep.start_supernode(91, name="keyless", auth=False)  # TLS but no key: signs with a throwaway key
+
+        rc = dep.run_app(_run_config(classifier_ckpt, run_dir, **{"epochs": 1}), timeout=600)
+        assert rc == 0, dep.logtext("superlink")[-3000:]
+        listing = json.loads(dep.flwr(["supernode", "list", "pp-local", "--format", "json"]))
+        refused = {name: (dep.processes[name].poll(), dep.logtext(name)) for name in ("intruder", "keyless")}
+        superlink_log = dep.logtext("superlink")
+
+    run = json.loads((run_dir / "run.json").read_text())
+    assert [u["steps_applied"] for u in run["users"]] == [2, 2]  # 48 images / 2 users / batch 16 = 2 steps each
+    assert all(u["test"]["test-accuracy"] >= 0 for u in run["users"])
+    outputs = sorted((tmp_path / "dep" / "nodes").glob("supernode-*/metrics.json"))
+    assert len(outputs) == 2 and sorted(json.loads(p.read_text())["user"] for p in outputs) == [0, 1]
+    assert not (tmp_path / "dep" / "nodes" / "intruder" / "metrics.json").exists()
+    # both were refused: each exited with Flower's exit code 305 and says why; the SuperLink logged the refusals
+    assert refused["intruder"][0] not in (None, 0) and "[code: 2004] Failed to activate SuperNode" in refused["intruder"][1]
+    assert refused["keyless"][0] not in (None, 0) and "All SuperNodes must be registered" in refused["keyless"][1]
+    assert "ApiError:2004" in superlink_log and "ApiError:2001" in superlink_log
+    assert len(listing["nodes"]) == 2, listing  # only the two registered users' nodes exist
+
+
+def test_killed_supernode_is_dropped_and_rejoins_after_restart(tmp_path, classifier_ckpt):
+    run_dir = tmp_path / "provider"
+    config = _run_config(classifier_ckpt, run_dir, **{"limit-train": 384, "epochs": 1, "checkpoint-every": 1,
+                                                      "step-timeout": 60.0, "max-failures": 1})
+    with LocalDeployment(tmp_path / "dep", users=2, secure=True) as dep:
+        victim_out = dep.workdir / "nodes" / "supernode-1"
+        events = {}
+
+        def kill_then_restart():
+            deadline = time.time() + 400
+            while not (victim_out / "resume.pt").exists() and time.time() < deadline:
+                time.sleep(0.2)  # the victim has applied at least one step
+            dep.kill("supernode-1", signal.SIGKILL)
+            events["killed"] = time.time()
+            # like a supervisor would: restart until it stays up (Flower refuses to activate a node id that is
+            # still marked online, i.e. until two missed heartbeats)
+            while time.time() < deadline:
+                time.sleep(5)
+                dep.start_supernode(1)
+                time.sleep(10)
+                if dep.processes["supernode-1"].poll() is None:
+                    events["restarted"] = time.time()
+                    return
+
+        chaos = threading.Thread(target=kill_then_restart, daemon=True)
+        chaos.start()
+        rc = dep.run_app(config, timeout=900)
+        chaos.join(timeout=60)
+        provider_log = (dep.workdir / "flwr-run.log").read_text()
+    assert rc == 0 and "killed" in events and "restarted" in events
+    run = json.loads((run_dir / "run.json").read_text())
+    victim = max(run["users"], key=lambda u: len(u["dropped_steps"]))
+    survivor = min(run["users"], key=lambda u: len(u["dropped_steps"]))
+    assert survivor["steps_applied"] == 12 and survivor["test"], survivor  # 384 / 2 / 16 = 12 steps
+    assert victim["dropped_steps"], victim                                 # dropped while its node was down …
+    assert victim["rejoins"] and victim["rejoins"][0][2] >= 1, victim      # … and back, from its resume point
+    assert victim["steps_applied"] == 12 and victim["test"], victim        # it finished its epoch and the test
+    assert "dropped from this step" in provider_log and "rejoined" in provider_log
+
+
+def test_deploy_local_stops_every_process_on_ctrl_c(tmp_path, classifier_ckpt):
+    """`ppflower deploy-local` interrupted while the run is going: no SuperLink/SuperNode/flwr process survives."""
+    import os
+    import subprocess
+    import sys
+
+    workdir = tmp_path / "dep"
+    argv = [sys.executable, "-m", "pp_flower.cli", "deploy-local", "--users", "2", "--workdir", str(workdir),
+            "--run-config", f"classifier={classifier_ckpt} limit-train=48 batch-size=16 unet-base=4 unet-depth=2"]
+    cli = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 180
+    while not (workdir / "flwr-run.log").exists() and time.time() < deadline:
+        time.sleep(0.5)
+    assert cli.poll() is None, cli.stdout.read()
+    time.sleep(3)
+    survivors_before = subprocess.run(["pgrep", "-f", str(workdir)], capture_output=True, text=True).stdout.split()
+    assert len(survivors_before) >= 3  # the SuperLink and two SuperNodes (at least) were running
+    cli.send_signal(signal.SIGINT)
+    out, _ = cli.communicate(timeout=60)
+    assert cli.returncode == 130, out[-2000:]
+    time.sleep(1)
+    survivors = subprocess.run(["pgrep", "-f", str(workdir)], capture_output=True, text=True).stdout.split()
+    assert survivors == [], [open(f"/proc/{p}/cmdline").read() for p in survivors if os.path.exists(f"/proc/{p}")]

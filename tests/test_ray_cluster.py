@@ -1,0 +1,53 @@
+"""The simulation attaches to a separately started Ray cluster (here a head on loopback) instead of its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from sims.deploy_local import free_port
+from tests.test_flower_app import TINY
+
+BIN = Path(sys.executable).parent
+
+
+def test_simulation_runs_on_a_separately_started_ray_head(tmp_path, classifier_ckpt):
+    port = free_port()
+    # a temp dir of its own: other Ray drivers on this machine must not discover this cluster by accident
+    temp_dir = tempfile.mkdtemp(prefix="rayh-", dir="/tmp")
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    head = subprocess.Popen([str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2", "--block",
+                             "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while subprocess.run([str(BIN / "ray"), "status", f"--address=127.0.0.1:{port}"], env=env,
+                             capture_output=True).returncode != 0:
+            assert head.poll() is None, head.stdout.read()
+            assert time.time() < deadline, "the Ray head did not come up"
+            time.sleep(1)
+        run_dir = tmp_path / "run"
+        rc = " ".join(f"{k}={v}" for k, v in {**TINY, "classifier": classifier_ckpt, "run-dir": run_dir,
+                                              "epochs": 1}.items())
+        sim = subprocess.run([sys.executable, "-m", "sims.flower_simulation", "--num-supernodes", "2",
+                              "--ray-address", f"127.0.0.1:{port}", "--run-config", rc], env=env,
+                             cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600)
+        output = sim.stdout + sim.stderr
+        assert sim.returncode == 0, output[-3000:]
+        assert f"Connecting to existing Ray cluster at address: 127.0.0.1:{port}" in output, output[-3000:]
+        run = json.loads((run_dir / "run.json").read_text())
+        assert [u["steps_applied"] for u in run["users"]] == [2, 2]
+        assert all(u["test"] for u in run["users"])
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops the cluster's processes on SIGTERM
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
