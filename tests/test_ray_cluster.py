@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,12 +37,16 @@ def test_simulation_runs_on_a_separately_started_ray_head(tmp_path, classifier_c
         run_dir = tmp_path / "run"
         rc = " ".join(f"{k}={v}" for k, v in {**TINY, "classifier": classifier_ckpt, "run-dir": run_dir,
                                               "epochs": 1}.items())
-        sim = subprocess.run([sys.executable, "-m", "sims.flower_simulation", "--num-supernodes", "2",
-                              "--ray-address", f"127.0.0.1:{port}", "--run-config", rc], env=env,
-                             cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600)
-        output = sim.stdout + sim.stderr
+        sim = subprocess.Popen([sys.executable, "-m", "sims.flower_simulation", "--num-supernodes", "2",
+                                "--ray-address", f"127.0.0.1:{port}", "--run-config", rc], env=env,
+                               cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+        output, _ = sim.communicate(timeout=600)
         assert sim.returncode == 0, output[-3000:]
-        assert f"Connecting to existing Ray cluster at address: 127.0.0.1:{port}" in output, output[-3000:]
+        # the simulation's driver and its ClientApp actors ran in the head's session (not a Ray of their own)
+        logs = Path(temp_dir) / "session_latest" / "logs"
+        assert list(logs.glob(f"python-core-driver-*_{sim.pid}.log")), sorted(p.name for p in logs.iterdir())
+        assert any("ClientAppActor" in p.read_text(errors="replace") for p in logs.glob("worker-*.err"))
         run = json.loads((run_dir / "run.json").read_text())
         assert [u["steps_applied"] for u in run["users"]] == [2, 2]
         assert all(u["test"] for u in run["users"])
@@ -51,3 +56,4 @@ def test_simulation_runs_on_a_separately_started_ray_head(tmp_path, classifier_c
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(temp_dir, ignore_errors=True)
