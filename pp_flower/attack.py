@@ -20,9 +20,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pp_flower.checkpoints import load_checkpoint, save_atomic
+from pp_flower.checkpoints import load_checkpoint, load_resume_point, save_atomic
 from pp_flower.data import Splits, to_float
-from pp_flower.errors import PPFlowerError
 from pp_flower.losses import lr_at
 from pp_flower.metrics import psnr, ssim, summary
 from pp_flower.models import UNet
@@ -90,10 +89,7 @@ def train_attack(target: Target, splits: Splits, out_dir: str | Path, cfg: Attac
         phi = load_feature_net(None, device=device)
     progress = {"epoch": 0, "step": 0, "best_val": float("inf"), "history": []}
     last = out / "last.pt"
-    if last.exists():
-        blob = load_checkpoint(last, "attack_state")
-        if blob["config"] != asdict(cfg):
-            raise PPFlowerError(f"{last} was written with another attack configuration; use another --out.")
+    if (blob := load_resume_point(last, "attack_state", asdict(cfg), "attack")) is not None:
         estimator.load_state_dict(blob["state_dict"])
         opt.load_state_dict(blob["optimizer"])
         progress = blob["progress"]

@@ -40,6 +40,16 @@ def load_checkpoint(path: str | os.PathLike, kind: str) -> dict[str, Any]:
     return blob
 
 
+def load_resume_point(path: str | os.PathLike, kind: str, config: dict[str, Any], what: str) -> dict[str, Any] | None:
+    """The resume checkpoint at ``path`` if there is one; one written with another configuration is refused."""
+    if not Path(path).exists():
+        return None
+    blob = load_checkpoint(path, kind)
+    if blob["config"] != config:
+        raise PPFlowerError(f"{path} was written with another {what} configuration; use another --out.")
+    return blob
+
+
 def classifier_blob(model: nn.Module, arch: str, num_classes: int, **extra: Any) -> dict[str, Any]:
     return {"kind": "classifier", "version": FORMAT_VERSION, "arch": arch, "num_classes": num_classes,
             "state_dict": model.state_dict(), **extra}

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pp_flower.checkpoints import load_checkpoint, save_atomic, transform_blob
+from pp_flower.checkpoints import load_resume_point, save_atomic, transform_blob
 from pp_flower.data import Splits, augment, to_float
 from pp_flower.errors import PPFlowerError
 from pp_flower.models import PositionalUNet
@@ -93,10 +93,7 @@ def train_gan_transform(splits: Splits, out_dir: str | Path, cfg: GanConfig, dev
     encryption = target_encryption(cfg)
     progress = {"epoch": 0, "history": []}
     last = out / "last.pt"
-    if last.exists():
-        blob = load_checkpoint(last, "gan_state")
-        if blob["config"] != asdict(cfg):
-            raise PPFlowerError(f"{last} was written with another GAN configuration; use another --out.")
+    if (blob := load_resume_point(last, "gan_state", asdict(cfg), "GAN")) is not None:
         generator.load_state_dict(blob["generator"])
         discriminator.load_state_dict(blob["discriminator"])
         opt_g.load_state_dict(blob["opt_g"])
