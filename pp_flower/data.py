@@ -125,7 +125,9 @@ def _load_cached(key: str, build) -> ImageSet:
     path = cache_dir() / f"{key}.pt"
     if path.exists():
         try:
-            blob = torch.load(path, weights_only=True)
+            # memory-mapped: a process that needs a few batches (a deployed ClientApp handles one message and
+            # exits) reads only those pages instead of the whole file
+            blob = torch.load(path, weights_only=True, mmap=True)
             result = ImageSet(blob["images"], blob["labels"], tuple(blob["classes"]))
         except Exception:  # a half-written or stale cache is rebuilt, never trusted
             path.unlink(missing_ok=True)
