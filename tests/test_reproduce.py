@@ -32,7 +32,7 @@ def test_smoke_preset_table_is_measured_and_resumable(tmp_path, data_dir, vgg_we
     for fig in ("fig5_alpha.png", "fig6_attack.png", "fig7_psnr_boxplot.png"):
         assert (out / fig).stat().st_size > 10_000
     stages = json.loads((out / "stages.json").read_text())
-    assert all(s["finished"] and s["attempts"] == 1 for s in stages.values()) and len(stages) == 13
+    assert all(s["finished"] and s["attempts"] == 1 for s in stages.values()) and len(stages) == 14
     # a second run finds every stage done and only rewrites the report
     again = reproduce("smoke", out, work, data_dir, vgg_weights, log=lambda *a: None)
     assert again["rows"] == result["rows"]
