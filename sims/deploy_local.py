@@ -163,6 +163,8 @@ class LocalDeployment:
         self.stop()
 
     def start(self) -> None:
+        for stale in [*self.workdir.glob("superlink.db*"), *self.workdir.glob("*.log")]:  # a previous run's state
+            stale.unlink()
         if self.secure:
             self.creds = make_credentials(self.workdir / "certificates", self.users)
         self.write_connection()
