@@ -335,10 +335,13 @@ def deploy_local(users: int, workdir: Path, run_config: dict, secure: bool = Tru
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, terminate)
+    # Ctrl-C must stop everything even when this process inherited an ignored SIGINT (e.g. a background job)
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return _deploy(users, workdir, run_dir, run_config, secure, log, timeout, stream)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 def _deploy(users, workdir, run_dir, run_config, secure, log, timeout, stream) -> dict:

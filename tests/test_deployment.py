@@ -20,7 +20,7 @@ from tests.test_flower_app import TINY
 
 def _run_config(classifier_ckpt, run_dir, **overrides) -> dict:
     return {**TINY, "classifier": str(classifier_ckpt), "run-dir": str(run_dir), "min-users": 2,
-            "wait-for-users": 120.0, "step-timeout": 60.0, **overrides}
+            "wait-for-users": 120.0, "step-timeout": 180.0, **overrides}
 
 
 def test_tls_and_auth_run_completes_and_unregistered_nodes_are_refused(tmp_path, classifier_ckpt):
@@ -61,7 +61,7 @@ def test_tls_and_auth_run_completes_and_unregistered_nodes_are_refused(tmp_path,
 def test_killed_supernode_is_dropped_and_rejoins_after_restart(tmp_path, classifier_ckpt):
     run_dir = tmp_path / "provider"
     config = _run_config(classifier_ckpt, run_dir, **{"limit-train": 384, "epochs": 1, "checkpoint-every": 1,
-                                                      "step-timeout": 60.0, "max-failures": 1})
+                                                      "step-timeout": 180.0, "max-failures": 1})
     with LocalDeployment(tmp_path / "dep", users=2, secure=True) as dep:
         victim_out = dep.workdir / "nodes" / "supernode-1"
         events = {}
