@@ -316,6 +316,8 @@ class Reproduction:
             if (d / "metrics.json").exists():
                 shutil.copy(d / "metrics.json", self.out / f"{d.name}.json")
         for d in sorted(self.work.glob("transform-*")):
+            if not (d / "run.json").exists():  # a stage still running (or interrupted): nothing to copy yet
+                continue
             dest = self.out / d.name
             dest.mkdir(exist_ok=True)
             shutil.copy(d / "run.json", dest / "run.json")
