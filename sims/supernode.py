@@ -6,8 +6,11 @@ the next step's message a few milliseconds after the user's reply arrives, so ne
 3 s sleep. This wrapper keeps every argument and behaviour of ``flower-supernode`` and only shortens those
 waits (idle pull 3 s → ``PPFLOWER_SUPERNODE_POLL`` = 0.05 s, reply poll 0.5 s → 0.01 s, SuperExec task poll
 1 s → 0.02 s via Flower's own ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``) and sends its heartbeat every 10 s
-instead of 30 s (a killed node is seen offline, and may come back, after 20 s instead of 60 s). It patches module internals of the
-pinned flwr 1.42.x; plain ``flower-supernode`` works with the app too, only slower (docs/deployment.md).
+instead of 30 s (a killed node is seen offline, and may come back, after 20 s instead of 60 s). Its SuperExec
+is ``sims.superexec``, which forks each message's ClientApp process from a template that imported torch and
+flwr once, instead of starting a fresh interpreter per message (``PPFLOWER_WARM_CLIENTAPP=0`` turns that off).
+It patches module internals of the pinned flwr 1.42.x; plain ``flower-supernode`` works with the app too, only
+slower (docs/deployment.md).
 """
 
 from __future__ import annotations
@@ -48,10 +51,31 @@ def install_fast_polling(idle: float | None = None, reply: float = 0.01, heartbe
     heartbeat_module.HEARTBEAT_DEFAULT_INTERVAL = heartbeat
 
 
+def use_warm_superexec() -> None:
+    """Start ``sims.superexec`` (ClientApp processes forked from a pre-imported template) as the SuperExec."""
+    import subprocess
+
+    from flwr.supernode import start_client_internal
+
+    class _Subprocess:
+        def __getattr__(self, name):
+            return getattr(subprocess, name)
+
+        @staticmethod
+        def Popen(args, *rest, **kwargs):  # noqa: N802 - same name as subprocess.Popen
+            if isinstance(args, list) and args and args[0] == "flower-superexec":
+                args = [sys.executable, "-m", "sims.superexec", *args[1:]]
+            return subprocess.Popen(args, *rest, **kwargs)
+
+    start_client_internal.subprocess = _Subprocess()
+
+
 def main() -> None:
     from flwr.supernode.cli import flower_supernode
 
     install_fast_polling()
+    if os.environ.get("PPFLOWER_WARM_CLIENTAPP", "1") != "0":
+        use_warm_superexec()
     sys.argv[0] = "flower-supernode"
     sys.exit(flower_supernode())
 

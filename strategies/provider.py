@@ -339,7 +339,8 @@ class ProviderStrategy:
             replies = self.exchange(grid, messages, self.cfg.step_timeout)
             computes = [float(r.content.metric_records[P.METRICS].get("compute-seconds", 0.0))
                         for r in replies.values() if not r.has_error() and P.METRICS in r.content.metric_records]
-            self.timing["user_compute_critical"] += max(computes, default=0.0)
+            user_critical = max(computes, default=0.0)
+            self.timing["user_compute_critical"] += user_critical
             self.timing["user_compute_total"] += sum(computes)
             submissions = []
             for user in todo:
@@ -371,6 +372,7 @@ class ProviderStrategy:
                 user.failures = 0
                 if sub is not None:
                     submissions.append((user, sub))
+            provider_seconds = 0.0
             if submissions:
                 t0 = time.perf_counter()
                 labels = [self.train_labels[s.ids] for _, s in submissions]
@@ -381,10 +383,12 @@ class ProviderStrategy:
                     user.class_losses.append(loss)
                     self.timing["train_images"] += len(sub.ids)
                 self.bar.advance(len(submissions))
-                self.timing["provider_compute"] += time.perf_counter() - t0
+                provider_seconds = time.perf_counter() - t0
+                self.timing["provider_compute"] += provider_seconds
             self.timing["steps"] += 1
             self.rounds.append({"seconds": time.perf_counter() - round_start,
-                                "images": sum(len(s.ids) for _, s in submissions)})
+                                "images": sum(len(s.ids) for _, s in submissions),
+                                "user_compute": user_critical, "provider_compute": provider_seconds})
 
     def average(self, grid: Grid) -> None:
         """FedAvg of the users' h_θ (weighted by shard size) into one public h_θ, sent back to every user.

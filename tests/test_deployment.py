@@ -44,6 +44,7 @@ def test_tls_and_auth_run_completes_and_unregistered_nodes_are_refused(tmp_path,
         listing = json.loads(dep.flwr(["supernode", "list", "pp-local", "--format", "json"]))
         refused = {name: (dep.processes[name].poll(), dep.logtext(name)) for name in ("intruder", "keyless")}
         superlink_log = dep.logtext("superlink")
+        node_logs = [dep.logtext(f"supernode-{k}") for k in range(2)]
 
     run = json.loads((run_dir / "run.json").read_text())
     assert [u["steps_applied"] for u in run["users"]] == [2, 2]  # 48 images / 2 users / batch 16 = 2 steps each
@@ -56,6 +57,9 @@ def test_tls_and_auth_run_completes_and_unregistered_nodes_are_refused(tmp_path,
     assert refused["keyless"][0] not in (None, 0) and "All SuperNodes must be registered" in refused["keyless"][1]
     assert "ApiError:2004" in superlink_log and "ApiError:2001" in superlink_log
     assert len(listing["nodes"]) == 2, listing  # only the two registered users' nodes exist
+    # ppflower-supernode forked each message's ClientApp process from its pre-imported template (sims.superexec):
+    # setup, 2 steps + the last gradient, validation and test are ≥ 6 messages per user
+    assert all(log.count("started warm") >= 6 for log in node_logs), [log.count("started warm") for log in node_logs]
 
 
 def test_killed_supernode_is_dropped_and_rejoins_after_restart(tmp_path, classifier_ckpt):
@@ -121,3 +125,22 @@ def test_deploy_local_stops_every_process_on_ctrl_c(tmp_path, classifier_ckpt):
     time.sleep(1)
     survivors = subprocess.run(["pgrep", "-f", str(workdir)], capture_output=True, text=True).stdout.split()
     assert survivors == [], [open(f"/proc/{p}/cmdline").read() for p in survivors if os.path.exists(f"/proc/{p}")]
+
+
+def test_warm_template_forks_flowers_clientapp_entry_point_with_the_given_arguments():
+    """sims.superexec's template: one forked `flwr-clientapp` per request line, Flower's own entry point, then EOF
+    ends the template (the SuperExec is gone)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PPFLOWER_WARM_PRELOAD": "flwr.supernode.cli.flwr_clientapp"}
+    proc = subprocess.Popen([sys.executable, "-m", "sims.superexec", "--template"], env=env, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline().strip() == "ready"
+    proc.stdin.write('["--help"]\n')
+    proc.stdin.close()
+    assert proc.wait(timeout=30) == 0
+    err = proc.stderr.read()  # until the forked child, which shares the pipe, has exited too
+    assert err.count("started warm") == 1
+    assert "usage: flwr-clientapp" in err and "--runtime-api-address" in err  # the child ran flwr-clientapp --help

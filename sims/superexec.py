@@ -1,0 +1,186 @@
+"""A SuperNode's SuperExec that starts each ClientApp process warm: forked from a pre-imported template process.
+
+Flower 1.42 runs every message to a user in a new ``flwr-clientapp`` process. Most of that process's life is
+spent importing Python, flwr and torch (≈ 4–5 s of CPU on a 2-core box, BENCHMARKS.md), not handling the
+message. ``ppflower-supernode`` therefore starts this SuperExec instead of ``flower-superexec``: it is
+``flower-superexec`` with every argument and behaviour kept, except that a ClientApp task is started by
+``os.fork()`` from a *template* process that imported the heavy libraries once. The forked child then runs
+Flower's own ``flwr-clientapp`` entry point with the same arguments a fresh process would get: it pulls the
+message, installs the FAB and imports the app from the FAB (the app's own modules are never pre-imported, so
+the code that runs is the code the provider submitted), handles the message, pushes the reply and exits.
+One process per message, as in Flower; only the import cost is paid once.
+
+The template is single-threaded and never runs torch (no thread pools or CUDA contexts exist to be broken by
+``fork``). If it is missing or dies, tasks start the normal way (``flwr-clientapp`` subprocess).
+``PPFLOWER_WARM_PRELOAD`` lists the modules the template imports (comma-separated; default: torch and
+flwr's ClientApp runtime); ``PPFLOWER_WARM_CLIENTAPP=0`` turns the template off; ``PPFLOWER_WARM_PROFILE=1`` logs
+how long each phase of every ClientApp process takes (BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+DEFAULT_PRELOAD = "torch,flwr.app,flwr.clientapp,flwr.serverapp,flwr.supernode.cli.flwr_clientapp"
+
+
+# ------------------------------------------------------------------------------------------- the template
+
+
+def template_main() -> None:
+    """Import the heavy modules, then fork one ``flwr-clientapp`` per JSON argument list read from stdin."""
+    for name in filter(None, os.environ.get("PPFLOWER_WARM_PRELOAD", DEFAULT_PRELOAD).split(",")):
+        importlib.import_module(name.strip())
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped automatically
+    print("ready", flush=True)
+    os.dup2(2, 1)  # children print to the SuperNode's log, not into the readiness pipe
+    for line in sys.stdin:  # EOF: the SuperExec has gone, and so do we
+        try:
+            argv = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        pid = os.fork()
+        if pid == 0:
+            _run_clientapp(argv)
+        print(f"ppflower-superexec: ClientApp process {pid} started warm", file=sys.stderr, flush=True)
+
+
+def _run_clientapp(argv: list[str]) -> None:
+    """In the forked child: become ``flwr-clientapp argv...`` (Flower's entry point, unchanged)."""
+    code = 1
+    try:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        sys.stdin.close()
+        os.environ.pop("PPFLOWER_WARM_TEMPLATE", None)
+        sys.argv = ["flwr-clientapp", *argv]
+        from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
+
+        if os.environ.get("PPFLOWER_WARM_PROFILE") == "1":
+            _profile_phases()
+
+        flwr_clientapp()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _profile_phases() -> None:
+    """Log how long each phase of Flower's ClientApp process takes (``PPFLOWER_WARM_PROFILE=1``)."""
+    import time
+
+    from flwr.supernode.runtime import run_clientapp as rc
+
+    start = time.perf_counter()
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                print(f"ppflower-superexec: pid {os.getpid()} {name} {time.perf_counter() - t0:.3f} s "
+                      f"(at {t0 - start:.3f} s)", file=sys.stderr, flush=True)
+        return wrapper
+
+    for name in ("pull_task_input", "install_from_fab", "push_message", "push_task_output"):
+        setattr(rc, name, timed(name, getattr(rc, name)))
+    load = rc.get_load_client_app_fn
+
+    def get_load(*args, **kwargs):
+        return timed("load_client_app", load(*args, **kwargs))
+
+    rc.get_load_client_app_fn = get_load
+    from flwr.clientapp import ClientApp
+
+    ClientApp.__call__ = timed("client_app", ClientApp.__call__)
+
+
+# ------------------------------------------------------------------------------------------- the SuperExec
+
+
+class WarmLauncher:
+    """Starts the template process and hands it ClientApp launches; ``None`` from ``launch`` = use Popen."""
+
+    def __init__(self) -> None:
+        env = {**os.environ, "PPFLOWER_WARM_TEMPLATE": "1"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "sims.superexec", "--template"], env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.ready = threading.Event()
+        self.lock = threading.Lock()
+        threading.Thread(target=self._wait_ready, daemon=True).start()
+
+    def _wait_ready(self) -> None:
+        if self.proc.stdout.readline().strip() == "ready":
+            self.ready.set()
+
+    def launch(self, argv: list[str]) -> bool:
+        if not self.ready.is_set() or self.proc.poll() is not None:
+            return False
+        try:
+            with self.lock:
+                self.proc.stdin.write(json.dumps(argv) + "\n")
+                self.proc.stdin.flush()
+            return True
+        except (BrokenPipeError, OSError, ValueError):
+            return False
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+
+
+def install_warm_clientapp() -> WarmLauncher | None:
+    """Patch flwr's subprocess executor so that ClientApp tasks are forked from the template."""
+    if os.environ.get("PPFLOWER_WARM_CLIENTAPP", "1") == "0":
+        return None
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.superexec.executor import subprocess_executor
+
+    launcher = WarmLauncher()
+    original = subprocess_executor.subprocess.Popen
+
+    class _Subprocess:
+        """``subprocess`` as the executor sees it: ``Popen(["flwr-clientapp", ...])`` goes to the template."""
+
+        def __getattr__(self, name):
+            return getattr(subprocess, name)
+
+        @staticmethod
+        def Popen(args, *rest, **kwargs):  # noqa: N802 - same name as subprocess.Popen
+            if (isinstance(args, list) and args and args[0] == "flwr-clientapp" and not rest
+                    and not kwargs and launcher.launch(list(args[1:]))):
+                return None
+            return original(args, *rest, **kwargs)
+
+    assert TaskType.CLIENT_APP  # the pinned flwr 1.42 API this relies on
+    subprocess_executor.subprocess = _Subprocess()
+    return launcher
+
+
+def main() -> None:
+    if sys.argv[1:] == ["--template"]:
+        template_main()
+        return
+    from flwr.supercore.cli import flower_superexec
+
+    launcher = install_warm_clientapp()
+    sys.argv[0] = "flower-superexec"
+    try:
+        sys.exit(flower_superexec())
+    finally:
+        if launcher is not None:
+            launcher.close()
+
+
+if __name__ == "__main__":
+    main()
