@@ -148,16 +148,20 @@ class ProviderStrategy:
         outstanding = set(ids)
         start = time.perf_counter()
         delay = 0.0005
-        while outstanding and time.perf_counter() - start < timeout:
+        while outstanding:
+            # one last pull after the deadline: a pull can itself block for long (Flower retries the objects of a
+            # reply whose sender died mid-upload), and replies that arrived meanwhile must not be declared lost
+            timed_out = time.perf_counter() - start >= timeout
             for reply in grid.pull_messages(list(outstanding)):
                 mid = reply.metadata.reply_to_message_id
                 if mid in outstanding:
                     outstanding.discard(mid)
                     replies[sent_to[mid]] = reply
                     self._record("to-provider", reply, phase)
-            if outstanding:
-                time.sleep(delay)
-                delay = min(delay * 1.5, 0.005)
+            if not outstanding or timed_out:
+                break
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.005)
         if phase == "train":
             self.timing["wait"] += time.perf_counter() - start
         for mid in outstanding:
