@@ -57,7 +57,6 @@ def _run_clientapp(argv: list[str]) -> None:
     try:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         sys.stdin.close()
-        os.environ.pop("PPFLOWER_WARM_TEMPLATE", None)
         sys.argv = ["flwr-clientapp", *argv]
         from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
 
@@ -109,11 +108,10 @@ def _profile_phases() -> None:
 
 
 class WarmLauncher:
-    """Starts the template process and hands it ClientApp launches; ``None`` from ``launch`` = use Popen."""
+    """Starts the template process and hands it ClientApp launches; ``launch`` returns False when it cannot."""
 
     def __init__(self) -> None:
-        env = {**os.environ, "PPFLOWER_WARM_TEMPLATE": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "sims.superexec", "--template"], env=env,
+        self.proc = subprocess.Popen([sys.executable, "-m", "sims.superexec", "--template"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.ready = threading.Event()
         self.lock = threading.Lock()
@@ -139,31 +137,39 @@ class WarmLauncher:
             self.proc.kill()
 
 
-def install_warm_clientapp() -> WarmLauncher | None:
-    """Patch flwr's subprocess executor so that ClientApp tasks are forked from the template."""
-    if os.environ.get("PPFLOWER_WARM_CLIENTAPP", "1") == "0":
-        return None
-    from flwr.supercore.constant import TaskType
-    from flwr.supercore.superexec.executor import subprocess_executor
-
-    launcher = WarmLauncher()
-    original = subprocess_executor.subprocess.Popen
+def route_popen(module, route) -> None:
+    """Make ``module.subprocess.Popen(args)`` call ``route(args)`` first: it returns the argument list to start
+    (possibly rewritten), or None when it has started the task itself. Used on flwr 1.42's SuperNode (which
+    starts ``flower-superexec``) and SuperExec (which starts ``flwr-clientapp``)."""
+    popen = subprocess.Popen
 
     class _Subprocess:
-        """``subprocess`` as the executor sees it: ``Popen(["flwr-clientapp", ...])`` goes to the template."""
-
         def __getattr__(self, name):
             return getattr(subprocess, name)
 
         @staticmethod
         def Popen(args, *rest, **kwargs):  # noqa: N802 - same name as subprocess.Popen
-            if (isinstance(args, list) and args and args[0] == "flwr-clientapp" and not rest
-                    and not kwargs and launcher.launch(list(args[1:]))):
-                return None
-            return original(args, *rest, **kwargs)
+            if isinstance(args, list) and args and not rest and not kwargs:  # (kwargs: e.g. suppressed output)
+                args = route(args)
+                if args is None:
+                    return None
+            return popen(args, *rest, **kwargs)
 
-    assert TaskType.CLIENT_APP  # the pinned flwr 1.42 API this relies on
-    subprocess_executor.subprocess = _Subprocess()
+    module.subprocess = _Subprocess()
+
+
+def install_warm_clientapp() -> WarmLauncher:
+    """Patch flwr's subprocess executor so that ClientApp tasks are forked from the template."""
+    from flwr.supercore.superexec.executor import subprocess_executor
+
+    launcher = WarmLauncher()
+
+    def route(args: list[str]) -> list[str] | None:
+        if args[0] == "flwr-clientapp" and launcher.launch(args[1:]):
+            return None
+        return args
+
+    route_popen(subprocess_executor, route)
     return launcher
 
 
@@ -178,8 +184,7 @@ def main() -> None:
     try:
         sys.exit(flower_superexec())
     finally:
-        if launcher is not None:
-            launcher.close()
+        launcher.close()
 
 
 if __name__ == "__main__":

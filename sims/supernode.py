@@ -53,21 +53,14 @@ def install_fast_polling(idle: float | None = None, reply: float = 0.01, heartbe
 
 def use_warm_superexec() -> None:
     """Start ``sims.superexec`` (ClientApp processes forked from a pre-imported template) as the SuperExec."""
-    import subprocess
-
     from flwr.supernode import start_client_internal
 
-    class _Subprocess:
-        def __getattr__(self, name):
-            return getattr(subprocess, name)
+    from sims.superexec import route_popen
 
-        @staticmethod
-        def Popen(args, *rest, **kwargs):  # noqa: N802 - same name as subprocess.Popen
-            if isinstance(args, list) and args and args[0] == "flower-superexec":
-                args = [sys.executable, "-m", "sims.superexec", *args[1:]]
-            return subprocess.Popen(args, *rest, **kwargs)
+    def route(args: list[str]) -> list[str]:
+        return [sys.executable, "-m", "sims.superexec", *args[1:]] if args[0] == "flower-superexec" else args
 
-    start_client_internal.subprocess = _Subprocess()
+    route_popen(start_client_internal, route)
 
 
 def main() -> None:
