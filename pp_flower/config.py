@@ -47,6 +47,8 @@ class AppConfig:
     checkpoint_every: int = 0       # users save a resume point every N steps (0 = at each validation only)
     num_threads: int = 0            # torch threads per user process (0 = leave torch's default)
     user_device: str = "auto"
+    keep_graph: str = "auto"        # keep | recompute | auto: a live user keeps batch t's autograd graph until
+    #                                 its gradient arrives (no re-forward) unless memory is short
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "AppConfig":
@@ -72,6 +74,8 @@ class AppConfig:
             raise PPFlowerError(f"partition must be 'iid' or 'full', got '{self.partition}'.")
         if self.aggregate not in ("none", "fedavg"):
             raise PPFlowerError(f"aggregate must be 'none' or 'fedavg', got '{self.aggregate}'.")
+        if self.keep_graph not in ("auto", "keep", "recompute"):
+            raise PPFlowerError(f"keep-graph must be 'auto', 'keep' or 'recompute', got '{self.keep_graph}'.")
         if self.batch_size < 1 or self.epochs < 1 or self.eval_chunk < 1:
             raise PPFlowerError("batch-size, epochs and eval-chunk must be positive.")
 

@@ -1,11 +1,11 @@
 """The provider ↔ user protocol in one place: message types, record keys, (de)serialisation, validation.
 
 See docs/protocol.md for the full description. Privacy invariants (enforced by construction here and
-checked on real message contents in tests/test_privacy.py):
+checked on real message contents in tests/test_flower_app.py::test_privacy_audit_on_every_message):
 
 * user → provider messages carry only protected images x̂ = h_θ(x), sample ids, step counters, scalar
   losses and (with ``aggregate=fedavg``) h_θ's public weights — never a plain image and never a label;
-* provider → user messages carry only ∂L_class/∂x̂, per-sample losses / predicted labels of the user's own
+* provider → user messages carry only ∂L_class/∂x̂, per-sample losses / right-or-wrong flags of the user's own
   protected images, configuration, sample ids and (fedavg) averaged h_θ weights — never a ψ parameter.
 """
 
@@ -13,15 +13,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+if TYPE_CHECKING:  # torch is imported where tensors are made, so a relaying ClientApp never loads it
+    import torch
 
 # Message types ("<category>.<action>", as Flower's ClientApp routes them)
 SETUP = "query.setup"          # provider → user: config + the sample ids handed to this user
 STEP = "train.step"            # provider → user: ∂L_class/∂x̂ of the last batch; user → provider: next x̂
 EVAL = "evaluate.chunk"        # provider → user: per-sample results of the last chunk; user → provider: next x̂
-FINISH = "query.finish"        # provider → user: end of run; user → provider: summary metrics
 
 # Record keys
 CONFIG = "config"          # ConfigRecord
@@ -29,18 +32,29 @@ IDS = "ids"                # ArrayRecord of int64 sample ids
 CONTROL = "control"        # ConfigRecord: step counters, phase, refusals
 GRAD = "grad"              # ArrayRecord {"grad": float32 (n, C, H, W)}
 PROTECTED = "protected"    # ArrayRecord {"xhat": float32 (n, C, H, W), "ids": int64 (n,)}
-RESULT = "result"          # ArrayRecord {"ce": float32 (n,)} (validation) or {"pred": int64 (n,)} (test)
+RESULT = "result"          # ArrayRecord {"ce": float32 (n,)} (validation) or {"correct": uint8 0/1 (n,)} (test)
 METRICS = "metrics"        # MetricRecord
 WEIGHTS = "transform_net"  # ArrayRecord: h_θ state dict (fedavg only — h_θ is public by design)
 NONE = -1
 
 
-def tensor_array(t: torch.Tensor) -> Array:
-    return Array(t.detach().cpu().contiguous().numpy())
+def tensor_array(t: "torch.Tensor | np.ndarray") -> Array:
+    if hasattr(t, "detach"):
+        t = t.detach().cpu().numpy()
+    return Array(np.ascontiguousarray(t))
 
 
-def array_tensor(a: Array) -> torch.Tensor:
+def array_tensor(a: Array) -> "torch.Tensor":
+    import torch
+
     return torch.from_numpy(np.array(a.numpy(), copy=True))
+
+
+def get_arrays(content: RecordDict, key: str) -> dict[str, np.ndarray] | None:
+    """The numpy arrays of one ArrayRecord (what a ClientApp relays to its user's trainer)."""
+    if key not in content.array_records:
+        return None
+    return {name: a.numpy() for name, a in content.array_records[key].items()}
 
 
 def make_content(config: dict | None = None, control: dict | None = None, metrics: dict | None = None,
@@ -73,8 +87,6 @@ class ProtocolError(ValueError):
 class Submission:
     """A validated batch of protected images from one user."""
 
-    node_id: int
-    step: int                 # θ index the user was at (= number of SGD steps applied)
     batch: int                # index of the batch (train) or chunk (eval) these images belong to
     xhat: torch.Tensor
     ids: torch.Tensor
@@ -86,12 +98,15 @@ def validate_submission(msg: Message, allowed_ids: torch.Tensor, image_shape: tu
 
     Returns None when the reply carries no images (a user that only applied a gradient).
     """
+    import torch
+
     content = msg.content
     if CONTROL not in content.config_records:
         raise ProtocolError("reply lacks its control record")
     control = content.config_records[CONTROL]
     try:
-        step, batch = int(control["step"]), int(control["batch"])
+        int(control["step"])
+        batch = int(control["batch"])
     except (KeyError, TypeError, ValueError) as exc:
         raise ProtocolError(f"control record malformed: {exc}") from exc
     if PROTECTED not in content.array_records:
@@ -120,9 +135,9 @@ def validate_submission(msg: Message, allowed_ids: torch.Tensor, image_shape: tu
         raise ProtocolError("ids include samples that were not handed to this user")
     if len(torch.unique(ids)) != n:
         raise ProtocolError("ids repeat a sample")
-    return Submission(msg.metadata.src_node_id, step, batch, xhat, ids)
+    return Submission(batch, xhat, ids)
 
 
-# A ClientApp whose node lost its state (a restarted SuperNode) answers with an error containing this text;
+# A user whose live state is gone (a restarted SuperNode or trainer) answers with an error containing this text;
 # the provider then sends it a resume setup.
 NOT_SET_UP = "this user has not been set up"

@@ -1,11 +1,12 @@
-"""The maths of training h_θ, shared by the split protocol (pp_flower.user) and the in-process reference.
+"""The maths of training h_θ, shared by the split protocol's user (pp_flower.user) and the in-process reference.
 
 One step of the paper (Sec. III-C) minimises L_trans = L_class(ψ(h_θ(x)), y) − α·L_feat(x, h_θ(x)).
 In the split protocol the user never holds ψ or y: the provider returns g = ∂L_class/∂x̂ and the user
-back-propagates g + ∂(−α·L_feat)/∂x̂ through h_θ. Because autograd graphs cannot outlive a Flower message,
-the user recomputes the forward pass of the batch it sent (bit-identical: same θ, same input, BatchNorm in
-training mode normalises with batch statistics) and restores BatchNorm's running statistics afterwards, so
-they are updated once per step exactly as in the in-process loss.
+back-propagates g + ∂(−α·L_feat)/∂x̂ through h_θ. Autograd graphs cannot cross a message, so
+a live user (pp_flower.trainer) keeps the graph of the batch it sent until the gradient arrives; where
+it cannot, it recomputes the forward pass (bit-identical: same θ, same input, BatchNorm in training mode
+normalises with batch statistics) and restores BatchNorm's running statistics, so they are updated once
+per step exactly as in the in-process loss.
 """
 
 from __future__ import annotations
@@ -66,25 +67,49 @@ def produce(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return net(x)
 
 
-def apply_class_gradient(net: nn.Module, opt: torch.optim.Optimizer, feature_net: nn.Module, x: torch.Tensor,
-                         grad_class: torch.Tensor, alpha: float) -> float:
-    """One SGD step of h_θ from the provider's ∂L_class/∂x̂ plus the local feature term; returns L_feat.
-
-    Exactly the gradient of Eq. (6): ∂L_trans/∂θ = (∂x̂/∂θ)ᵀ (∂L_class/∂x̂ − α ∂L_feat/∂x̂).
-    """
+def produce_with_graph(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x̂ = h_θ(x) in training mode, its autograd graph kept until the provider's gradient arrives (live users)."""
     net.train()
-    saved = {name: buf.clone() for name, buf in net.named_buffers()}
-    xhat = net(x)  # recomputation of the forward pass that produced the x̂ the provider saw
+    with torch.enable_grad():
+        return net(x)
+
+
+def _backward(opt: torch.optim.Optimizer, feature_net: nn.Module, x: torch.Tensor, xhat: torch.Tensor,
+              grad_class: torch.Tensor, alpha: float) -> float:
+    """θ's gradient of Eq. (6): ∂L_trans/∂θ = (∂x̂/∂θ)ᵀ (∂L_class/∂x̂ − α ∂L_feat/∂x̂); returns L_feat."""
     with torch.no_grad():
         target = feature_net(x)
     l_feat = feature_loss(feature_net(xhat), target)
     opt.zero_grad(set_to_none=True)
     torch.autograd.backward([xhat, -alpha * l_feat], [grad_class.to(xhat.device, xhat.dtype), None])
-    with torch.no_grad():  # BatchNorm statistics: as after the first forward (backward still needed them)
+    return l_feat.item()
+
+
+def class_gradient_step(opt: torch.optim.Optimizer, feature_net: nn.Module, x: torch.Tensor, xhat: torch.Tensor,
+                        grad_class: torch.Tensor, alpha: float) -> float:
+    """One SGD step of h_θ through the kept graph of x̂ = h_θ(x): the provider's ∂L_class/∂x̂ plus the local
+    feature term (Eq. 6). Returns L_feat."""
+    l_feat = _backward(opt, feature_net, x, xhat, grad_class, alpha)
+    opt.step()
+    return l_feat
+
+
+def apply_class_gradient(net: nn.Module, opt: torch.optim.Optimizer, feature_net: nn.Module, x: torch.Tensor,
+                         grad_class: torch.Tensor, alpha: float) -> float:
+    """:func:`class_gradient_step` after recomputing the forward pass that produced the x̂ the provider saw.
+
+    For a user whose graph did not survive (a message-per-process runtime, or too little memory to keep it):
+    the recomputation is bit-identical, and BatchNorm's running statistics are restored once backward no longer
+    needs them, so they are updated once per step, as in the in-process loss.
+    """
+    saved = {name: buf.clone() for name, buf in net.named_buffers()}
+    xhat = produce_with_graph(net, x)
+    l_feat = _backward(opt, feature_net, x, xhat, grad_class, alpha)
+    with torch.no_grad():
         for name, buf in net.named_buffers():
             buf.copy_(saved[name])
     opt.step()
-    return l_feat.item()
+    return l_feat
 
 
 def class_gradients(classifier: nn.Module, batches: list[torch.Tensor], labels: list[torch.Tensor],

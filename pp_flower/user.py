@@ -1,9 +1,16 @@
-"""The user's side of the protocol (one ClientApp per user): owns h_θ, its optimizer, φ and its images.
+"""The user's live side: h_θ, its optimizer, φ and the images stay in memory between messages.
 
-Flower executes the ClientApp afresh for every message, so everything that must outlive a message lives
-in ``context.state`` (per node): the config and sample ids handed out by the provider, h_θ's weights and
-BatchNorm statistics, SGD momentum, the best-so-far h_θ, step counters and evaluation accumulators.
-Read-only data (decoded images, φ's weights) is cached per worker process by pp_flower.data/features.
+A ``UserTrainer`` hosts any number of users (one process per GPU or per group of cores, not one per user:
+a process that imports torch costs ~300 MB). The per-message ClientApp (``sims.main``) only relays each
+message to its user's trainer — a Ray actor in simulation, a process beside the SuperNode in deployment
+(``sims.supernode``), or this very process — so a step costs the step's compute plus two small messages,
+whatever h_θ's size (BENCHMARKS.md). Inputs and outputs are plain dicts of numpy arrays: they cross a Ray
+call or an authenticated Unix socket (``pp_flower.channel``) without Flower's records.
+
+Durability without per-step copies: a user writes a resume point every ``checkpoint-every`` steps and at each
+validation. When its trainer dies the user is unknown to the restarted one, answers ``NOT_SET_UP``, and the
+provider sends a resume setup: the user reloads its resume point and the provider replays the steps after it.
+ψ is frozen and batch t is a pure function of (seed, user, t), so the replay gives exactly the same θ.
 """
 
 from __future__ import annotations
@@ -13,102 +20,125 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 
 from pp_flower import protocol as P
 from pp_flower.checkpoints import load_checkpoint, save_atomic, transform_blob
 from pp_flower.config import AppConfig
 from pp_flower.data import load_datasets, to_float
+from pp_flower.errors import PPFlowerError
 from pp_flower.features import load_feature_net
 from pp_flower.models import UNet, unet_from_state_dict
-from pp_flower.transform import (apply_class_gradient, init_transform_net, make_optimizer, produce, set_lr,
-                                 train_batch, user_seed)
+from pp_flower.transform import (apply_class_gradient, class_gradient_step, init_transform_net, make_optimizer,
+                                 produce, produce_with_graph, set_lr, train_batch, user_seed)
 
 log = logging.getLogger("pp_flower.user")
 
-# context.state keys
-S_CONFIG, S_IDS, S_NET, S_OPT, S_BEST, S_PROGRESS, S_EVAL = (
-    "pp.config", "pp.ids", "pp.transform_net", "pp.optimizer", "pp.best", "pp.progress", "pp.eval")
+# keys of the setup config that describe the user, not the run
+USER_KEYS = ("user-index", "steps-per-epoch", "out-dir")
 
 
-def _device(name: str) -> str:
+class NotSetUp(PPFlowerError):
+    """The trainer holds no live state for this user (new trainer, or it restarted): a resume setup is due."""
+
+    def __init__(self, what: str):
+        super().__init__(f"{P.NOT_SET_UP} ({what})")
+
+
+def _tensor(a) -> torch.Tensor:
+    return torch.from_numpy(np.array(a, copy=True))
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().contiguous().numpy()
+
+
+def graph_budget(device: str) -> int:
+    """Bytes a trainer may spend on kept autograd graphs: a quarter of the free memory of the user's device."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0] // 4
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+        return info["MemAvailable"] // 4
+    except (OSError, KeyError, ValueError):
+        return 2**30
+
+
+def resolve_device(name: str, index: int) -> str:
+    """The user's torch device; a CUDA request without a visible GPU is one clear error naming the fix."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise PPFlowerError(f"user {index}: user-device={name} but no GPU is visible to its trainer; give users GPU "
+                            "shares (flower-simulation --num-gpus 0.25) or set user-device=\"cpu\".")
     return name
 
 
-def _restore_unet(cfg: AppConfig, record: ArrayRecord, device: str) -> UNet:
-    return unet_from_state_dict(record.to_torch_state_dict(), cfg.unet_base, cfg.unet_depth).to(device)
+class LiveUser:
+    """One user's state, in memory for the whole run (the paper's h_θ training, Sec. III-C, from the user's side)."""
 
-
-class User:
-    """A user's state, loaded from ``context.state`` at the start of a message and saved at its end."""
-
-    def __init__(self, context: Context):
-        state = context.state
-        if S_CONFIG not in state.config_records:
-            raise RuntimeError(f"{P.NOT_SET_UP} (no query.setup message received; a restarted SuperNode?)")
-        meta = dict(state.config_records[S_CONFIG])
+    def __init__(self, meta: dict, ids: dict[str, torch.Tensor]):
+        meta = dict(meta)
         self.index = int(meta.pop("user-index"))
         self.steps_per_epoch = int(meta.pop("steps-per-epoch"))
         self.out_dir = Path(str(meta.pop("out-dir")))
         self.cfg = AppConfig.from_run_config(meta)
-        if self.cfg.num_threads:
-            torch.set_num_threads(self.cfg.num_threads)
-        self.device = _device(self.cfg.user_device)
-        self.context = context
-        self.ids = {k: P.array_tensor(a) for k, a in state.array_records[S_IDS].items()}
-        self.progress = dict(state.config_records[S_PROGRESS])
-        self.net = _restore_unet(self.cfg, state.array_records[S_NET], self.device)
+        self.device = resolve_device(self.cfg.user_device, self.index)
+        self.ids = ids
+        self.net: UNet = init_transform_net(self.cfg.unet_base, self.cfg.unet_depth, self.cfg.seed,
+                                            self.index).to(self.device)
         self.opt = make_optimizer(self.net, self.cfg.lr, self.cfg.momentum, self.cfg.weight_decay)
-        if S_OPT in state.array_records:
-            buffers = state.array_records[S_OPT].to_torch_state_dict()
-            for name, p in self.net.named_parameters():
-                if name in buffers:
-                    self.opt.state[p]["momentum_buffer"] = buffers[name].to(self.device)
-        self._data = None
-        self._phi = None
+        self.progress: dict = {"step": 0, "pending": False, "best-val": float("inf"), "best-epoch": -1,
+                               "val-curve": [], "feature-losses": []}
+        self.best: dict[str, torch.Tensor] | None = None   # h_θ with the lowest validation L_trans (test uses it)
+        self.acc: dict[str, torch.Tensor] = {}              # evaluation results gathered chunk by chunk
+        self.graph: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (step, x̂ with its graph, x)
+        self.keep_graph = {"keep": True, "recompute": False}.get(self.cfg.keep_graph)  # None: decide (auto)
+        self.hosted = 1  # users sharing this user's trainer (its memory budget for kept graphs)
 
-    # --- setup -----------------------------------------------------------------------------------------
-    @staticmethod
-    def setup(context: Context, msg: Message) -> dict:
-        """Store the provider's config and the sample ids handed to this user; initialise h_θ."""
-        content = msg.content
-        meta = dict(content.config_records[P.CONFIG])
-        resume = bool(int(meta.pop("resume", 0)))
-        cfg = AppConfig.from_run_config({k: v for k, v in meta.items()
-                                         if k not in ("user-index", "steps-per-epoch", "out-dir")})
-        for key, value in context.node_config.items():  # a user's own machine may override data paths
-            if key in ("data-dir", "vgg-weights", "user-device", "num-threads"):
-                meta[key] = value
-        meta["out-dir"] = str(context.node_config.get("out-dir", meta["out-dir"]))
-        net = init_transform_net(cfg.unet_base, cfg.unet_depth, cfg.seed, int(meta["user-index"]))
-        state = context.state
-        state[S_CONFIG] = ConfigRecord(meta)
-        state[S_IDS] = ArrayRecord({k: P.tensor_array(v) for k, v in P.get_tensors(content, P.IDS).items()})
-        state[S_NET] = ArrayRecord(net.state_dict())
-        state[S_PROGRESS] = ConfigRecord({"step": 0, "pending": False, "best-val": float("inf"), "best-epoch": -1,
-                                          "val-curve": [0.0][:0], "feature-losses": [0.0][:0]})
-        for key in (S_OPT, S_BEST, S_EVAL):
-            if key in state:
-                del state[key]
-        user = User(context)
-        if resume:
-            user.load_resume_point()
-        user.images("train")  # load (and cache) the images now, so the first step is not slowed by it
-        user.feature_net()
-        return {"n-params": sum(p.numel() for p in net.parameters()), "n-train": len(user.ids["train"]),
-                "step": int(user.progress["step"])}
+    @property
+    def graph_mode(self) -> str:
+        """Which way this user's steps got their autograd graph (BENCHMARKS.md, run.json)."""
+        return {True: "kept", False: "recomputed", None: "undecided"}[self.keep_graph]
 
-    # --- resume points (a restarted SuperNode loses context.state; its disk keeps these) -----------------
+    # --- data ------------------------------------------------------------------------------------------
+    def images(self, part: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(uint8 images, labels) of the full train or test set (cached per process); ids index into them."""
+        train, test = load_datasets(self.cfg.data_dir or None)
+        ds = train if part in ("train", "val") else test
+        return ds.images, ds.labels
+
+    def feature_net(self):
+        return load_feature_net(self.cfg.vgg_weights or None, self.cfg.feature_layer, self.device)
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        images, _ = self.images("train")
+        ids, x = train_batch(images, self.ids["train"], step, self.steps_per_epoch, self.cfg.batch_size,
+                             user_seed(self.cfg.seed, self.index), self.cfg.augment)
+        return ids, x.to(self.device)
+
+    # --- resume points (the only copies of θ a run makes, every checkpoint-every steps and at validation) ---
+    def snapshot(self) -> dict:
+        """θ, BatchNorm statistics, momentum and counters: what a resume point (and context mode) keeps."""
+        momentum = {name: self.opt.state[p]["momentum_buffer"].cpu() for name, p in self.net.named_parameters()
+                    if "momentum_buffer" in self.opt.state.get(p, {})}
+        return {"kind": "user_state", "user-index": self.index, "unet-base": self.cfg.unet_base,
+                "alpha": self.cfg.alpha, "state_dict": {k: v.cpu() for k, v in self.net.state_dict().items()},
+                "momentum": momentum, "progress": {**self.progress, "pending": False}}
+
+    def restore(self, blob: dict) -> None:
+        self.net.load_state_dict(blob["state_dict"])
+        self.opt.state.clear()
+        for name, p in self.net.named_parameters():
+            if name in blob["momentum"]:
+                self.opt.state[p]["momentum_buffer"] = blob["momentum"][name].to(self.device).clone()
+        self.progress = dict(blob["progress"])
+        self.graph = None
+
     def save_resume_point(self) -> None:
-        buffers = {name: self.opt.state[p]["momentum_buffer"].cpu() for name, p in self.net.named_parameters()
-                   if "momentum_buffer" in self.opt.state.get(p, {})}
-        progress = {**self.progress, "pending": False}
-        save_atomic({"kind": "user_state", "user-index": self.index, "unet-base": self.cfg.unet_base,
-                     "alpha": self.cfg.alpha, "state_dict": {k: v.cpu() for k, v in self.net.state_dict().items()},
-                     "momentum": buffers, "progress": progress}, self.out_dir / "resume.pt")
+        save_atomic(self.snapshot(), self.out_dir / "resume.pt")
 
     def load_resume_point(self) -> None:
         """Continue from ``out-dir/resume.pt`` (and ``best.pt``) when they belong to this user and config."""
@@ -120,59 +150,47 @@ class User:
         if (blob["user-index"], blob["unet-base"], blob["alpha"]) != (self.index, self.cfg.unet_base, self.cfg.alpha):
             log.warning("user %d: %s belongs to another user or config; starting h_θ afresh", self.index, path)
             return
-        self.net.load_state_dict(blob["state_dict"])
-        for name, p in self.net.named_parameters():
-            if name in blob["momentum"]:
-                self.opt.state[p]["momentum_buffer"] = blob["momentum"][name].to(self.device)
-        self.progress = dict(blob["progress"])
+        self.restore(blob)
         if (self.out_dir / "best.pt").exists():
-            best = load_checkpoint(self.out_dir / "best.pt", "transform_net")
-            self.context.state[S_BEST] = ArrayRecord(best["state_dict"])
-        self.save()
+            self.best = load_checkpoint(self.out_dir / "best.pt", "transform_net")["state_dict"]
         log.info("user %d: resumed from %s at step %d", self.index, path, int(self.progress["step"]))
 
-    def save(self) -> None:
-        state = self.context.state
-        state[S_NET] = ArrayRecord({k: v.cpu() for k, v in self.net.state_dict().items()})
-        buffers = {name: self.opt.state[p]["momentum_buffer"].cpu() for name, p in self.net.named_parameters()
-                   if "momentum_buffer" in self.opt.state.get(p, {})}
-        if buffers:
-            state[S_OPT] = ArrayRecord(buffers)
-        state[S_PROGRESS] = ConfigRecord(self.progress)
-
-    # --- data ------------------------------------------------------------------------------------------
-    def images(self, part: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(uint8 images, labels) of the full train or test set; ids index into them."""
-        if self._data is None:
-            self._data = load_datasets(self.cfg.data_dir or None)
-        ds = self._data[0] if part in ("train", "val") else self._data[1]
-        return ds.images, ds.labels
-
-    def feature_net(self):
-        if self._phi is None:
-            self._phi = load_feature_net(self.cfg.vgg_weights or None, self.cfg.feature_layer, self.device)
-        return self._phi
-
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        images, _ = self.images("train")
-        ids, x = train_batch(images, self.ids["train"], step, self.steps_per_epoch, self.cfg.batch_size,
-                             user_seed(self.cfg.seed, self.index), self.cfg.augment)
-        return ids, x.to(self.device)
-
     # --- training --------------------------------------------------------------------------------------
-    def step(self, msg: Message) -> dict:
+    def _produce(self, step: int, x: torch.Tensor) -> torch.Tensor:
+        """x̂_t = h_θ(x_t); when kept, its autograd graph waits in memory for the provider's gradient."""
+        if self.keep_graph is False:
+            return produce(self.net, x)
+        if self.keep_graph is None:  # keep-graph=auto: measure the graph once, keep it if memory allows
+            held = []
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: held.append(t.nbytes) or t, lambda t: t):
+                xhat = produce_with_graph(self.net, x)
+            self.keep_graph = sum(held) * self.hosted <= graph_budget(self.device)
+            log.info("user %d: autograd graph of a batch is %.1f MB; %s", self.index, sum(held) / 2**20,
+                     "kept between messages" if self.keep_graph else "too big to keep: recomputed per step")
+        else:
+            xhat = produce_with_graph(self.net, x)
+        if self.keep_graph:
+            self.graph = (step, xhat, x)
+        return xhat.detach()
+
+    def _apply(self, step: int, grad: torch.Tensor) -> float:
+        set_lr(self.opt, step // self.steps_per_epoch, self.cfg.epochs, self.cfg.lr)
+        if self.graph is not None and self.graph[0] == step:
+            _, xhat, x = self.graph
+            self.graph = None
+            return class_gradient_step(self.opt, self.feature_net(), x, xhat, grad, self.cfg.alpha)
+        _, x = self.batch(step)  # recompute the forward pass (bit-identical; BN statistics restored)
+        return apply_class_gradient(self.net, self.opt, self.feature_net(), x, grad, self.cfg.alpha)
+
+    def step(self, control: dict, grad: np.ndarray | None, weights: dict | None) -> dict:
         """Apply the provider's gradient for the pending batch (if any), then produce the wanted batch."""
         started = time.perf_counter()
-        control = msg.content.config_records[P.CONTROL]
         grad_step, want = int(control["grad-step"]), int(control["want"])
         refused = int(control.get("refused-step", P.NONE))
         step = int(self.progress["step"])
         if grad_step != P.NONE:
-            if grad_step == step and self.progress["pending"]:
-                grad = P.get_tensors(msg.content, P.GRAD)["grad"]
-                _, x = self.batch(step)
-                set_lr(self.opt, step // self.steps_per_epoch, self.cfg.epochs, self.cfg.lr)
-                l_feat = apply_class_gradient(self.net, self.opt, self.feature_net(), x, grad, self.cfg.alpha)
+            if grad_step == step and self.progress["pending"] and grad is not None:
+                l_feat = self._apply(step, _tensor(grad).to(self.device))
                 self.progress["feature-losses"] = list(self.progress["feature-losses"]) + [l_feat]
                 step += 1
                 self.progress.update(step=step, pending=False)
@@ -183,60 +201,61 @@ class User:
         if refused != P.NONE and refused == step and self.progress["pending"]:
             log.warning("user %d: provider refused batch %d (%s); skipping it", self.index, step,
                         control.get("reason", ""))
+            self.graph = None
             self.progress.update(step=step + 1, pending=False)
-        if P.WEIGHTS in msg.content.array_records:  # fedavg: adopt the averaged public h_θ
-            self.net.load_state_dict(msg.content.array_records[P.WEIGHTS].to_torch_state_dict())
+        if weights is not None:  # fedavg: adopt the averaged public h_θ
+            self.net.load_state_dict({k: _tensor(v) for k, v in weights.items()})
+            self.graph = None
         step = int(self.progress["step"])
         reply: dict = {"control": {"step": step, "batch": P.NONE}}
         if want != P.NONE and want == step:
             ids, x = self.batch(step)
-            if self.progress["pending"]:  # asked again (e.g. after a lost reply): same x̂, BN untouched
+            if self.progress["pending"] and self.graph is not None and self.graph[0] == step:
+                xhat = self.graph[1].detach()  # asked again (a lost reply): the same x̂, nothing recomputed
+            elif self.progress["pending"]:  # asked again, graph not kept: same x̂, BN untouched
                 saved = {n: b.clone() for n, b in self.net.named_buffers()}
                 xhat = produce(self.net, x)
                 self.net.load_state_dict({**self.net.state_dict(), **saved})
             else:
-                xhat = produce(self.net, x)
+                xhat = self._produce(step, x)
             self.progress["pending"] = True
             reply["control"]["batch"] = step
-            reply["protected"] = {"xhat": xhat.cpu(), "ids": ids}
+            reply["protected"] = {"xhat": _numpy(xhat), "ids": _numpy(ids)}
         if int(control.get("send-weights", 0)):
-            reply["weights"] = {k: v.cpu() for k, v in self.net.state_dict().items()}
-        self.save()
+            reply["weights"] = {k: _numpy(v) for k, v in self.net.state_dict().items()}
         reply["metrics"] = {"compute-seconds": time.perf_counter() - started}
         return reply
 
     # --- evaluation ------------------------------------------------------------------------------------
     def _eval_net(self, phase: str) -> UNet:
-        if phase == "test" and S_BEST in self.context.state.array_records:
-            return _restore_unet(self.cfg, self.context.state.array_records[S_BEST], self.device).eval()
+        if phase == "test" and self.best is not None:
+            return unet_from_state_dict(self.best, self.cfg.unet_base, self.cfg.unet_depth).to(self.device).eval()
         return self.net.eval()
 
-    def evaluate(self, msg: Message) -> dict:
+    def evaluate(self, control: dict, result: dict | None) -> dict:
         """Validation / test in chunks: take the provider's results for the last chunk, send the next one."""
-        control = msg.content.config_records[P.CONTROL]
         phase, want, result_chunk = str(control["phase"]), int(control["want"]), int(control["result-chunk"])
-        ids_all = self.ids[phase]
-        state = self.context.state
-        acc = P.get_tensors(state, S_EVAL) if want != 0 and S_EVAL in state.array_records else {}
-        result = P.get_tensors(msg.content, P.RESULT)
+        if want == 0:
+            self.acc = {}
+        acc = self.acc
         if result:
-            have = len(acc[next(iter(result))]) if next(iter(result)) in acc else 0
+            key = next(iter(result))
+            have = len(acc[key]) if key in acc else 0
             if have != result_chunk * self.cfg.eval_chunk:
                 raise RuntimeError(f"{phase} results for chunk {result_chunk} arrived out of order ({have} held)")
             for key, value in result.items():
+                value = _tensor(value)
                 acc[key] = torch.cat([acc[key], value]) if key in acc else value
         reply: dict = {"control": {"step": int(self.progress["step"]), "batch": P.NONE}}
         if want != P.NONE:
-            ids = ids_all[want * self.cfg.eval_chunk:(want + 1) * self.cfg.eval_chunk]
+            ids = self.ids[phase][want * self.cfg.eval_chunk:(want + 1) * self.cfg.eval_chunk]
             images, _ = self.images(phase)
             x = to_float(images[ids]).to(self.device)
             net = self._eval_net(phase)
             with torch.no_grad():
                 xhat = net(x)
                 phi = self.feature_net()
-                fx, fxh = phi(x), phi(xhat)
-                per_sample_feat = ((fxh - fx) ** 2).flatten(1).mean(1).cpu()
-                extra = {"feat": per_sample_feat}
+                extra = {"feat": ((phi(xhat) - phi(x)) ** 2).flatten(1).mean(1).cpu()}
                 if phase == "test":
                     from pp_flower.metrics import psnr, ssim  # torchmetrics: only on the test path (import cost)
 
@@ -244,15 +263,10 @@ class User:
             for key, value in extra.items():
                 acc[key] = torch.cat([acc[key], value]) if key in acc else value
             reply["control"]["batch"] = want
-            reply["protected"] = {"xhat": xhat.cpu(), "ids": ids}
+            reply["protected"] = {"xhat": _numpy(xhat), "ids": _numpy(ids)}
         else:
             reply["metrics"] = self._finish_phase(phase, acc)
-            acc = {}
-        if acc:
-            state[S_EVAL] = ArrayRecord({k: P.tensor_array(v) for k, v in acc.items()})
-        elif S_EVAL in state:
-            del state[S_EVAL]
-        self.save()
+            self.acc = {}
         return reply
 
     def _finish_phase(self, phase: str, acc: dict[str, torch.Tensor]) -> dict:
@@ -265,7 +279,7 @@ class User:
             self.progress["val-curve"] = list(self.progress["val-curve"]) + [l_trans]
             if l_trans < float(self.progress["best-val"]):
                 self.progress.update({"best-val": l_trans, "best-epoch": epoch})
-                self.context.state[S_BEST] = ArrayRecord({k: v.cpu() for k, v in self.net.state_dict().items()})
+                self.best = {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()}
                 save_atomic(transform_blob(self.net, alpha=self.cfg.alpha, epoch=epoch, val_transform_loss=l_trans),
                             self.out_dir / "best.pt")
             save_atomic(transform_blob(self.net, alpha=self.cfg.alpha, epoch=epoch), self.out_dir / "final.pt")
@@ -281,6 +295,7 @@ class User:
             "val_transform_loss_curve": list(self.progress["val-curve"]),
             "best_epoch": int(self.progress["best-epoch"]), "steps": int(self.progress["step"]),
             "train_feature_loss_curve": list(self.progress["feature-losses"]),
+            "graph_mode": self.graph_mode,
         }
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -299,8 +314,76 @@ class User:
                         self.out_dir / f"fig5_alpha{self.cfg.alpha:g}.png")
 
 
-def reply_message(msg: Message, reply: dict) -> Message:
-    """Turn a handler's dict into the reply Message (the only way user data leaves the user)."""
-    content = P.make_content(control=reply.get("control"), metrics=reply.get("metrics"),
-                             **{P.PROTECTED: reply.get("protected"), P.WEIGHTS: reply.get("weights")})
-    return Message(content=content, reply_to=msg)
+class UserTrainer:
+    """Hosts live users, each reached only with its own secret key (a random token its ClientApp keeps).
+
+    Every method takes and returns plain Python values and numpy arrays, so a Ray actor or an authenticated
+    socket can carry the call. A key this trainer does not hold raises ``NotSetUp`` (the provider then sends a
+    resume setup); a key held for another user index is refused.
+    """
+
+    def __init__(self, num_threads: int = 0):
+        self.users: dict[str, LiveUser] = {}
+        if num_threads:
+            torch.set_num_threads(num_threads)
+
+    def _user(self, key: str, index: int | None = None) -> LiveUser:
+        user = self.users.get(key)
+        if user is None:
+            raise NotSetUp("its trainer holds no live state: a new or restarted trainer")
+        if index is not None and index != user.index:
+            raise PPFlowerError(f"refused: a message for user {index} carried user {user.index}'s key")
+        return user
+
+    def _threads(self, user: LiveUser) -> None:
+        if user.cfg.num_threads and torch.get_num_threads() != user.cfg.num_threads:
+            torch.set_num_threads(user.cfg.num_threads)
+
+    def setup(self, key: str, meta: dict, ids: dict[str, np.ndarray], resume: bool = False) -> dict:
+        """Create (or recreate) a user's live state from the provider's config and the ids handed to it."""
+        user = LiveUser(meta, {k: _tensor(v) for k, v in ids.items()})
+        self._threads(user)
+        if resume:
+            user.load_resume_point()
+        user.images("train")  # load (and cache) the images now, so the first step is not slowed by it
+        user.feature_net()
+        self.users[key] = user
+        for live in self.users.values():
+            live.hosted = len(self.users)
+        return {"n-params": sum(p.numel() for p in user.net.parameters()), "n-train": len(user.ids["train"]),
+                "step": int(user.progress["step"])}
+
+    def call(self, key: str, index: int, kind: str, control: dict, arrays: dict | None = None) -> dict:
+        """One message of the protocol: ``kind`` is ``step`` or ``evaluate``; ``arrays`` its tensors by record."""
+        user = self._user(key, index)
+        self._threads(user)
+        arrays = arrays or {}
+        try:
+            if kind == "step":
+                grad = (arrays.get(P.GRAD) or {}).get("grad")
+                return user.step(control, grad, arrays.get(P.WEIGHTS))
+            if kind == "evaluate":
+                return user.evaluate(control, arrays.get(P.RESULT))
+        except torch.cuda.OutOfMemoryError as exc:
+            raise PPFlowerError(f"user {user.index}: out of GPU memory on {user.device} ({exc}). Lower batch-size "
+                                "or eval-chunk, set keep-graph=false, or give each user a larger GPU share "
+                                "(flower-simulation --num-gpus).") from None
+        raise PPFlowerError(f"unknown call '{kind}'")
+
+    def export(self, key: str) -> dict:
+        """Everything a user holds, for ``context`` mode (no live trainer: state travels in context.state)."""
+        user = self._user(key)
+        return {**user.snapshot(), "best": user.best, "acc": dict(user.acc)}
+
+    def restore(self, key: str, meta: dict, ids: dict[str, np.ndarray], blob: dict) -> None:
+        user = LiveUser(meta, {k: _tensor(v) for k, v in ids.items()})
+        user.keep_graph = False  # a graph cannot outlive the process that built it
+        user.restore(blob)
+        user.best, user.acc = blob.get("best"), dict(blob.get("acc") or {})
+        self.users[key] = user
+
+    def forget(self, key: str) -> None:
+        self.users.pop(key, None)
+
+    def ping(self) -> str:
+        return "pong"

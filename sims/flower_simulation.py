@@ -63,17 +63,41 @@ def install_event_driven_dispatch() -> None:
     _DISPATCH_PATCHED = True
 
 
+def start_ray(ray_address: str | None = None) -> None:
+    """``ray.init`` as Flower's Ray backend does it (workers see this process's sys.path), unless already up."""
+    import sys
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    pythonpath = os.pathsep.join(sys.path)
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    os.environ["PYTHONPATH"] = pythonpath
+    ray.init(address=ray_address, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+
+
 def simulate(server_app, client_app, num_supernodes: int, run_config: dict, num_cpus: float = 1.0,
-             num_gpus: float = 0.0, ray_address: str | None = None, verbose: bool = False) -> None:
-    """Run ``server_app`` + ``num_supernodes`` × ``client_app`` on Flower's Ray simulation engine."""
+             num_gpus: float = 0.0, ray_address: str | None = None, verbose: bool = False,
+             users_per_trainer: int = 0) -> None:
+    """Run ``server_app`` + ``num_supernodes`` × ``client_app`` on Flower's Ray simulation engine.
+
+    The users' live trainers (sims.user_trainers) are Ray actors made here, before the run: on GPU shares of
+    ``num_gpus`` each when given, else one per ``num_cpus`` cores. Flower's own workers only relay messages, so
+    they hold the CPUs and no GPU.
+    """
     from flwr.app import Context, RecordDict
     from flwr.simulation.run_simulation import _run_simulation
     from flwr.supercore.telemetry import EventType
 
+    from sims.user_trainers import create_pool
+
     install_event_driven_dispatch()
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # keep Ray's GPU env handling quiet
-    backend_config = {"client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus},
-                      "init_args": {"address": ray_address} if ray_address else {}}
+    start_ray(ray_address)
+    create_pool(num_supernodes, num_cpus, num_gpus, users_per_trainer)
+    backend_config = {"client_resources": {"num_cpus": num_cpus, "num_gpus": 0.0}}
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
     _run_simulation(num_supernodes=num_supernodes, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
                     server_app=server_app, client_app=client_app, backend_name="ray",

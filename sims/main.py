@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from flwr.app import Context, Message
+import secrets
+
+from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from pp_flower import protocol as P
-from pp_flower.config import AppConfig
-from pp_flower.user import User, reply_message
-from strategies.provider import ProviderStrategy
+from sims.user_trainers import trainer_for
 
 def route_logs_to_flower() -> None:
     """Send pp_flower's log records through Flower's logger, so `flwr run --stream` and SuperNode logs show them."""
@@ -33,6 +33,9 @@ def make_server_app(message_log=None) -> ServerApp:
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         route_logs_to_flower()
+        from pp_flower.config import AppConfig
+        from strategies.provider import ProviderStrategy  # the provider's torch stack: never in a user's process
+
         cfg = AppConfig.from_run_config(context.run_config)
         ProviderStrategy.from_config(cfg, message_log=message_log).run(grid)
 
@@ -42,23 +45,57 @@ def make_server_app(message_log=None) -> ServerApp:
 server_app = make_server_app()
 
 # ---------------------------------------------------------------------------------------------- a user
+#
+# A user's state lives in its trainer (pp_flower.user.UserTrainer, placed by sims.user_trainers); the ClientApp,
+# which Flower runs afresh for every message, only relays. context.state keeps what finds the user again.
 
 client_app = ClientApp()
+S_USER = "pp.user"  # context.state: {"key": the user's secret, "index": its user index, "trainer": where it lives}
+NODE_KEYS = ("data-dir", "vgg-weights", "user-device", "num-threads")  # a user's own machine may override these
 
 
 @client_app.query("setup")
 def setup(msg: Message, context: Context) -> Message:
+    """Hand the provider's config and sample ids to a fresh live user (``resume``: from its resume point)."""
     route_logs_to_flower()
-    info = User.setup(context, msg)
+    meta = dict(msg.content.config_records[P.CONFIG])
+    resume = bool(int(meta.pop("resume", 0)))
+    for key in NODE_KEYS:
+        if key in context.node_config:
+            meta[key] = context.node_config[key]
+    meta["out-dir"] = str(context.node_config.get("out-dir", meta["out-dir"]))
+    trainer, where = trainer_for(context)
+    key = secrets.token_hex(16)
+    info = trainer.setup(key, meta, P.get_arrays(msg.content, P.IDS), resume)
+    context.state[S_USER] = ConfigRecord({"key": key, "index": int(meta["user-index"]), "trainer": where})
     step = info.pop("step")  # > 0 when a restarted user resumed from its resume point
     return Message(content=P.make_content(control={"step": step, "batch": P.NONE}, metrics=info), reply_to=msg)
 
 
+def relay(msg: Message, context: Context, kind: str) -> Message:
+    """One message to the user's trainer and its reply back: x̂, ids, counters and metrics only."""
+    if S_USER not in context.state.config_records:
+        raise RuntimeError(f"{P.NOT_SET_UP} (no query.setup message received; a restarted SuperNode?)")
+    user = context.state.config_records[S_USER]
+    trainer, _ = trainer_for(context, str(user["trainer"]))
+    arrays = {k: P.get_arrays(msg.content, k) for k in (P.GRAD, P.RESULT, P.WEIGHTS) if k in msg.content.array_records}
+    control = dict(msg.content.config_records[P.CONTROL])
+    reply = trainer.call(str(user["key"]), int(user["index"]), kind, control, arrays)
+    return reply_message(msg, reply)
+
+
+def reply_message(msg: Message, reply: dict) -> Message:
+    """Turn a trainer's reply into the reply Message (the only way user data leaves the user)."""
+    content = P.make_content(control=reply.get("control"), metrics=reply.get("metrics"),
+                             **{P.PROTECTED: reply.get("protected"), P.WEIGHTS: reply.get("weights")})
+    return Message(content=content, reply_to=msg)
+
+
 @client_app.train("step")
 def step(msg: Message, context: Context) -> Message:
-    return reply_message(msg, User(context).step(msg))
+    return relay(msg, context, "step")
 
 
 @client_app.evaluate("chunk")
 def evaluate(msg: Message, context: Context) -> Message:
-    return reply_message(msg, User(context).evaluate(msg))
+    return relay(msg, context, "evaluate")

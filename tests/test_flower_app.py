@@ -26,11 +26,13 @@ def _config(tmp_path, classifier_ckpt, **overrides):
     return AppConfig.from_run_config(cfg).to_run_config()
 
 
-def test_flower_steps_equal_in_process_steps(tmp_path, classifier_ckpt, splits, vgg_weights):
-    """k = 6 SGD steps (2 epochs × 3) of h_θ through the Flower app equal the in-process L_trans loop."""
+@pytest.mark.parametrize("keep_graph", ["keep", "recompute"])
+def test_flower_steps_equal_in_process_steps(tmp_path, classifier_ckpt, splits, vgg_weights, keep_graph):
+    """k = 6 SGD steps (2 epochs × 3) of h_θ through the Flower app equal the in-process L_trans loop, whether the
+    live user keeps each batch's autograd graph until its gradient arrives or recomputes the forward pass."""
     from sims.main import client_app, server_app
 
-    run_config = _config(tmp_path, classifier_ckpt, epochs=2, augment=False)
+    run_config = _config(tmp_path, classifier_ckpt, epochs=2, augment=False, **{"keep-graph": keep_graph})
     simulate(server_app, client_app, 1, run_config)
     flower_net, blob = load_transform_net(tmp_path / "run" / "user-0" / "final.pt")
     cfg = AppConfig.from_run_config(run_config)
@@ -75,6 +77,7 @@ def test_flower_steps_equal_in_process_steps(tmp_path, classifier_ckpt, splits, 
         protected = best(x_test)
         accuracy = (classifier(protected).argmax(1) == splits.test_all.labels[splits.test_ids[:20]]).double().mean()
     metrics = json.loads((tmp_path / "run" / "user-0" / "metrics.json").read_text())
+    assert metrics["graph_mode"] == {"keep": "kept", "recompute": "recomputed"}[keep_graph]
     assert metrics["test_accuracy"] == pytest.approx(accuracy.item())
     assert metrics["protected_psnr"]["mean"] == pytest.approx(psnr(protected, x_test).mean().item(), rel=1e-4)
 
@@ -137,6 +140,7 @@ def test_faulty_user_is_dropped_for_a_step_and_malformed_reply_refused(tmp_path,
     from sims.main import server_app
     from tests import faulty_app
 
+    faulty_app.MARKER_DIR = str(tmp_path / "markers")
     ray.cloudpickle.register_pickle_by_value(faulty_app)  # Ray workers get the module by value
     simulate(server_app, faulty_app.app, 2, _config(tmp_path, classifier_ckpt, **{"limit-train": 96}))
     run = json.loads((tmp_path / "run" / "run.json").read_text())

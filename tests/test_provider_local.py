@@ -17,9 +17,10 @@ from strategies.provider import ProviderStrategy
 class LocalGrid:
     """Delivers each message to the real ClientApp at once; ``lose`` decides which messages vanish unprocessed."""
 
-    def __init__(self, client_app, num_nodes: int, lose=lambda node, msg: False):
+    def __init__(self, client_app, num_nodes: int, lose=lambda node, msg: False, node_config=None):
+        node_config = node_config or {"user-trainer": "in-process"}
         self.app, self.lose = client_app, lose
-        self.contexts = {n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={})
+        self.contexts = {n: Context(run_id=1, node_id=n, node_config=dict(node_config), state=RecordDict(), run_config={})
                          for n in range(1, num_nodes + 1)}
         self.replies: dict[str, Message] = {}
         self.lost = 0
