@@ -373,7 +373,7 @@ class UserTrainer:
     def export(self, key: str) -> dict:
         """Everything a user holds, for ``context`` mode (no live trainer: state travels in context.state)."""
         user = self._user(key)
-        return {**user.snapshot(), "best": user.best, "acc": dict(user.acc)}
+        return {**user.snapshot(), "progress": dict(user.progress), "best": user.best, "acc": dict(user.acc)}
 
     def restore(self, key: str, meta: dict, ids: dict[str, np.ndarray], blob: dict) -> None:
         user = LiveUser(meta, {k: _tensor(v) for k, v in ids.items()})

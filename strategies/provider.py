@@ -249,11 +249,14 @@ class ProviderStrategy:
         A restarted SuperNode keeps its node id when its key is registered (its activation time changes, or it
         answers "not set up"); an unregistered deployment gives it a new id, which takes the vacant place.
         The user resumes from its last resume point (``checkpoint-every``) and redoes the steps after it.
+        A user whose trainer restarted empty (it answers "not set up") is resumed the same way, at once.
         Checked at most every 2 s, and only while some user is failing or dropped.
         """
         waiting = [u for u in self.users.values() if u.failures > 0 or not u.active]
         now = time.perf_counter()
-        if not waiting or now - self._last_node_check < 2.0:
+        # a user that answered "not set up" (its trainer or SuperNode lost its live state) is resumed at once
+        urgent = any(u.needs_setup for u in waiting)
+        if not waiting or (now - self._last_node_check < 2.0 and not urgent):
             return
         self._last_node_check = now
         online = self.node_activations(grid)

@@ -47,13 +47,13 @@ class LocalGrid:
         return [self.replies.pop(mid) for mid in list(message_ids) if mid in self.replies]
 
 
-def _run(tmp_path, classifier_ckpt, name, lose=lambda node, msg: False):
+def _run(tmp_path, classifier_ckpt, name, lose=lambda node, msg: False, mode="in-process"):
     from sims.main import client_app
 
     cfg = AppConfig.from_run_config({"limit-train": 64, "batch-size": 16, "unet-base": 4, "unet-depth": 2,
                                      "limit-eval": 10, "eval-chunk": 10, "num-threads": 1, "step-timeout": 0.3,
                                      "classifier": str(classifier_ckpt), "run-dir": str(tmp_path / name)})
-    grid = LocalGrid(client_app, 2, lose)
+    grid = LocalGrid(client_app, 2, lose, {"user-trainer": mode})
     summary = ProviderStrategy.from_config(cfg).run(grid)
     return summary, grid
 
@@ -72,7 +72,8 @@ def task_identity():
         setattr(TaskIdentity, key, value)
 
 
-def test_lost_message_drops_the_user_for_one_step_and_changes_nothing(tmp_path, classifier_ckpt, task_identity):
+@pytest.mark.parametrize("mode", ["in-process", "context"])  # a live trainer; state in context.state (plain SuperNode)
+def test_lost_message_drops_the_user_for_one_step_and_changes_nothing(tmp_path, classifier_ckpt, task_identity, mode):
     state = {"done": False}
 
     def lose_once(node, msg):  # the message carrying user 2's gradient for step 0 never arrives
@@ -83,8 +84,8 @@ def test_lost_message_drops_the_user_for_one_step_and_changes_nothing(tmp_path, 
             return True
         return False
 
-    clean, _ = _run(tmp_path, classifier_ckpt, "clean")
-    faulty, grid = _run(tmp_path, classifier_ckpt, "faulty", lose_once)
+    clean, _ = _run(tmp_path, classifier_ckpt, "clean", mode=mode)
+    faulty, grid = _run(tmp_path, classifier_ckpt, "faulty", lose_once, mode=mode)
     assert grid.lost == 1
     user = faulty["users"][1]
     assert [reason for _, reason in user["dropped_steps"]] == ["no reply within 0.3 s"]
