@@ -5,9 +5,13 @@
 Same app, same run config, same machine. A round = the provider sends every user its gradient and the request
 for the next batch, and collects the protected batches. Reported per mode: median round seconds (steady state,
 first two rounds excluded), user compute on the critical path, provider compute, and the rest (messaging:
-process start-up per message in deployment, polling, serialisation). Deployment runs three times: with
-``ppflower-supernode`` (shorter polling; ClientApp processes forked warm from a pre-imported template, and
-without that), and with plain ``flower-supernode``.
+process start-up per message in deployment, polling, serialisation). ``--modes`` picks the rows:
+
+* ``sim``: ``flower-simulation`` (Ray), users live in trainer actors;
+* ``trainer``: ``ppflower-supernode`` with the user's long-lived trainer beside each SuperNode (the default);
+  its per-message phases (``PPFLOWER_WARM_PROFILE=1``) are written to ``--phases-out``;
+* ``context``: ``ppflower-supernode`` with ``PPFLOWER_USER_TRAINER=0``: state in ``context.state`` per message;
+* ``plain``: Flower's own ``flower-supernode`` (also state in ``context.state``).
 """
 
 from __future__ import annotations
@@ -60,20 +64,37 @@ def bench_simulation(args, classifier: str) -> dict:
                      time.perf_counter() - t0)
 
 
-def bench_deployment(args, classifier: str, fast: bool, warm: bool = False) -> dict:
+def bench_deployment(args, classifier: str, mode: str) -> dict:
     from sims.deploy_local import LocalDeployment
 
-    os.environ["PPFLOWER_WARM_CLIENTAPP"] = "1" if warm else "0"  # read by ppflower-supernode (sims.superexec)
+    fast = mode != "plain"
+    os.environ["PPFLOWER_USER_TRAINER"] = "1" if mode == "trainer" else "0"  # read by ppflower-supernode
+    os.environ["PPFLOWER_WARM_PROFILE"] = "1" if mode == "trainer" and args.phases_out else "0"
     work = Path(tempfile.mkdtemp(prefix="bench-dep-"))
     run_dir = work / "provider"
     t0 = time.perf_counter()
     with LocalDeployment(work, users=args.users, secure=True, fast_supernode=fast) as dep:
         rc = dep.run_app(run_config(args, classifier, run_dir), timeout=1800)
+        node_log = dep.logtext("supernode-0")
     if rc != 0:
         raise SystemExit(f"deployment run failed; see {work}")
-    mode = "deployment, TLS + auth, " + (("ppflower-supernode" + (" (warm ClientApp)" if warm else " (cold ClientApp)"))
-                                         if fast else "flower-supernode")
-    return summarise(json.loads((run_dir / "run.json").read_text()), mode, time.perf_counter() - t0)
+    label = {"trainer": "ppflower-supernode, live user trainer",
+             "context": "ppflower-supernode, state in context.state (PPFLOWER_USER_TRAINER=0)",
+             "plain": "flower-supernode (state in context.state)"}[mode]
+    result = summarise(json.loads((run_dir / "run.json").read_text()), f"deployment, TLS + auth, {label}",
+                       time.perf_counter() - t0)
+    if mode == "trainer" and args.phases_out:
+        phases: dict[str, list[float]] = {}
+        for line in node_log.splitlines():
+            parts = line.split()
+            if "ppflower-superexec:" in parts and len(parts) > parts.index("ppflower-superexec:") + 4:
+                i = parts.index("ppflower-superexec:")
+                if parts[i + 1] == "pid" and parts[i + 5] == "s":
+                    phases.setdefault(parts[i + 3], []).append(float(parts[i + 4]))
+        result["phases_median_seconds"] = {k: statistics.median(v) for k, v in phases.items()}
+        result["phases_messages"] = {k: len(v) for k, v in phases.items()}
+        args.phases_out.write_text("\n".join(line for line in node_log.splitlines() if "ppflower-superexec: pid" in line))
+    return result
 
 
 def main() -> None:
@@ -83,21 +104,28 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="training steps per user")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--unet-base", type=int, default=16)
+    parser.add_argument("--modes", default="sim,trainer,context,plain", help="comma-separated: sim, trainer, "
+                        "context, plain (see above)")
+    parser.add_argument("--phases-out", type=Path, help="where the trainer row's per-message phase log goes")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     import flwr
     import torch
 
     results = []
-    for bench in (lambda: bench_simulation(args, args.classifier),
-                  lambda: bench_deployment(args, args.classifier, fast=True, warm=True),
-                  lambda: bench_deployment(args, args.classifier, fast=True, warm=False),
-                  lambda: bench_deployment(args, args.classifier, fast=False)):
-        r = bench()
+    for mode in args.modes.split(","):
+        r = bench_simulation(args, args.classifier) if mode == "sim" else bench_deployment(args, args.classifier, mode)
         results.append(r)
         print(f"{r['mode']:<64} round {r['median_round_seconds']:.2f} s  (user {r['user_compute_critical_per_round']:.2f}"
               f" + provider {r['provider_compute_per_round']:.2f} + messaging {r['messaging_per_round']:.2f})"
               f"  whole run {r['wall_seconds_whole_run']:.0f} s", flush=True)
+        if "phases_median_seconds" in r:
+            print("  per-message phases (median s): " + ", ".join(f"{k} {v:.3f}" for k, v in
+                                                                  r["phases_median_seconds"].items()), flush=True)
+    sim = next((r for r in results if r["mode"].startswith("simulation")), None)
+    if sim:
+        for r in results:
+            r["ratio_to_simulation"] = r["median_round_seconds"] / sim["median_round_seconds"]
     if args.out:
         args.out.write_text(json.dumps({
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "

@@ -96,6 +96,7 @@ class LiveUser:
         self.acc: dict[str, torch.Tensor] = {}              # evaluation results gathered chunk by chunk
         self.graph: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (step, x̂ with its graph, x)
         self.keep_graph = {"keep": True, "recompute": False}.get(self.cfg.keep_graph)  # None: decide (auto)
+        self._data = self._phi = None
         self.hosted = 1  # users sharing this user's trainer (its memory budget for kept graphs)
 
     @property
@@ -105,13 +106,17 @@ class LiveUser:
 
     # --- data ------------------------------------------------------------------------------------------
     def images(self, part: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(uint8 images, labels) of the full train or test set (cached per process); ids index into them."""
-        train, test = load_datasets(self.cfg.data_dir or None)
-        ds = train if part in ("train", "val") else test
+        """(uint8 images, labels) of the full train or test set; ids index into them. Looked up once per user:
+        finding a data set in the process cache lists its folder, which costs more than a small step."""
+        if self._data is None:
+            self._data = load_datasets(self.cfg.data_dir or None)
+        ds = self._data[0] if part in ("train", "val") else self._data[1]
         return ds.images, ds.labels
 
     def feature_net(self):
-        return load_feature_net(self.cfg.vgg_weights or None, self.cfg.feature_layer, self.device)
+        if self._phi is None:
+            self._phi = load_feature_net(self.cfg.vgg_weights or None, self.cfg.feature_layer, self.device)
+        return self._phi
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         images, _ = self.images("train")

@@ -232,13 +232,19 @@ class LocalDeployment:
         proc.wait(timeout=30)
 
     def stop(self) -> None:
-        """Stop every process group: SIGTERM, then SIGKILL after 10 s."""
+        """Stop every process this deployment started, children included (e.g. the ``flwr-serverapp`` the SuperLink
+        starts in a session of its own): SIGTERM, SIGKILL after 10 s, and return only once all of them are gone."""
+        family = {pid for proc in self.processes.values() for pid in descendants(proc.pid)}
+        family |= mentioning(str(self.workdir))  # e.g. a flwr-serverapp started in a session of its own
+        family -= ancestors(os.getpid())  # never this command, nor the shell that started it
         for proc in self.processes.values():
             if proc.poll() is None:
                 try:
                     os.killpg(proc.pid, signal.SIGTERM)
                 except ProcessLookupError:
                     pass
+        for pid in family:
+            _signal(pid, signal.SIGTERM)
         deadline = time.time() + 10
         for proc in self.processes.values():
             try:
@@ -249,6 +255,15 @@ class LocalDeployment:
                 except ProcessLookupError:
                     pass
                 proc.wait(timeout=10)
+        while family and time.time() < deadline:
+            family = {pid for pid in family if alive(pid)}
+            time.sleep(0.05)
+        for pid in family:
+            _signal(pid, signal.SIGKILL)
+        deadline = time.time() + 30
+        while family and time.time() < deadline:
+            family = {pid for pid in family if alive(pid)}
+            time.sleep(0.05)
 
     # --- helpers -------------------------------------------------------------------------------------
     def logtext(self, name: str) -> str:
@@ -313,6 +328,68 @@ class LocalDeployment:
 
     def dead(self) -> list[str]:
         return [n for n, p in self.processes.items() if n != "flwr-run" and p.poll() is not None]
+
+
+def descendants(root: int) -> list[int]:
+    """``root`` and every process below it (from /proc), so that none is left behind when we stop."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def mentioning(text: str) -> set[int]:
+    """Processes whose command line contains ``text`` (this deployment's own working directory)."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if text.encode() in f.read():
+                        found.add(int(entry))
+            except OSError:
+                continue
+    return found
+
+
+def ancestors(pid: int) -> set[int]:
+    """``pid`` and its parents up to init."""
+    chain = set()
+    while pid > 1 and pid not in chain:
+        chain.add(pid)
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            break
+    return chain
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie, exited but not yet reaped by its parent, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _toml(value) -> str:

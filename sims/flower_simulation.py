@@ -96,8 +96,12 @@ def simulate(server_app, client_app, num_supernodes: int, run_config: dict, num_
     install_event_driven_dispatch()
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # keep Ray's GPU env handling quiet
     start_ray(ray_address)
-    create_pool(num_supernodes, num_cpus, num_gpus, users_per_trainer)
-    backend_config = {"client_resources": {"num_cpus": num_cpus, "num_gpus": 0.0}}
+    import ray
+
+    trainers = create_pool(num_supernodes, num_cpus, num_gpus, users_per_trainer)
+    # as many relay workers as trainers: more would add processes, not parallelism (a trainer serialises its users)
+    relay_cpus = max(num_cpus, ray.cluster_resources().get("CPU", 1) / len(trainers))
+    backend_config = {"client_resources": {"num_cpus": relay_cpus, "num_gpus": 0.0}}
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
     _run_simulation(num_supernodes=num_supernodes, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
                     server_app=server_app, client_app=client_app, backend_name="ray",

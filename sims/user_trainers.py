@@ -63,8 +63,9 @@ def create_pool(num_users: int, num_cpus: float, num_gpus: float, users_per_trai
     """Start the simulation's trainer actors (Ray must be initialised); returns their names.
 
     GPU shares: one trainer per ``num_gpus`` share of the cluster's GPUs. CPUs: one per ``num_cpus`` group of
-    cores (as many as Flower's relay workers). ``users_per_trainer`` > 0 fixes the count instead. Trainers
-    reserve no Ray CPUs (Flower's relay workers hold them) and run ``num_cpus`` torch threads each.
+    cores, at most one per core. ``users_per_trainer`` > 0 fixes the count instead. Users are assigned by
+    partition id; a trainer serves its users one message at a time. Trainers reserve no Ray CPUs (Flower's relay
+    workers hold them) and run ``num_cpus`` torch threads each (at least one).
     """
     import ray
 
@@ -77,8 +78,8 @@ def create_pool(num_users: int, num_cpus: float, num_gpus: float, users_per_trai
             raise PPFlowerError(f"--num-gpus {num_gpus:g} per user, but the Ray cluster has {gpus:g} GPUs; lower "
                                 "--num-gpus or drop it to train users on CPUs.")
         count = int(gpus / num_gpus + 1e-9)
-    else:
-        count = max(1, int(resources.get("CPU", 1) / max(num_cpus, 1e-9) + 1e-9))
+    else:  # a trainer per num_cpus cores, never more trainers than cores: users share a trainer, not a copy of torch
+        count = max(1, int(resources.get("CPU", 1) / max(num_cpus, 1.0) + 1e-9))
     count = max(1, min(count, num_users))
     actor = _actor_class()
     threads = max(1, int(num_cpus))
