@@ -2,6 +2,7 @@
 
     python benchmarks/bench_scale.py steps --out benchmarks/results_scale_cpu2.json
     python benchmarks/bench_scale.py users --users 8 16 32 64 --out benchmarks/results_users_cpu2.json
+    benchmarks/gpu_check.sh        # = bench_scale.py gpu, on one GPU (≤ 8 min on an H100)
 
 ``steps``: per-step time of whole ``flower-simulation`` runs, = (wall(N2 steps) − wall(N1 steps)) / (N2 − N1),
 best of two runs each, against the in-process reference loop timed the same way with the same cores
@@ -98,17 +99,20 @@ def run_watched(cmd: list[str], env: dict | None = None) -> dict:
 # ----------------------------------------------------------------------------------------- the runs
 
 
-def sim_run(args, users: int, width: int, batch: int, steps: int, depth: int = 4, eval_images: int = 8) -> dict:
+def sim_run(args, users: int, width: int, batch: int, steps: int, depth: int = 4, eval_images: int = 8,
+            num_gpus: float = 0.0, extra: dict | None = None) -> dict:
     run_dir = Path(tempfile.mkdtemp(prefix=f"scale-u{users}-w{width}-"))
     cores = os.cpu_count() or 1
     rc = {"limit-train": users * steps * batch, "limit-eval": eval_images, "eval-chunk": eval_images,
           "batch-size": batch, "unet-base": width, "unet-depth": depth, "epochs": 1, "augment": True,
           "num-threads": max(1, cores // users), "classifier": args.classifier, "run-dir": str(run_dir),
-          "step-timeout": 600.0, "keep-graph": args.keep_graph}
+          "step-timeout": 600.0, "keep-graph": args.keep_graph, **(extra or {})}
     text = " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={str(v).lower() if isinstance(v, bool) else v}"
                     for k, v in rc.items())
     cmd = [sys.executable, "-m", "sims.flower_simulation", "--num-supernodes", str(users),
            "--num-cpus", f"{cores / users:g}", "--run-config", text]
+    if num_gpus:
+        cmd += ["--num-gpus", f"{num_gpus:g}"]
     result = run_watched(cmd)
     run = json.loads((run_dir / "run.json").read_text())
     rounds = [r for r in run["rounds"][2:] if r["images"]] or [r for r in run["rounds"] if r["images"]]
@@ -125,10 +129,10 @@ def sim_run(args, users: int, width: int, batch: int, steps: int, depth: int = 4
     return result
 
 
-def reference_run(args, width: int, batch: int, steps: int) -> dict:
+def reference_run(args, width: int, batch: int, steps: int, device: str = "cpu") -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "reference", "--unet-base", str(width), "--batch-size",
-           str(batch), "--steps", str(steps), "--classifier", args.classifier]
-    return run_watched(cmd)
+           str(batch), "--steps", str(steps), "--classifier", args.classifier, "--device", device]
+    return {**run_watched(cmd), "steps": steps}
 
 
 def reference_main(args) -> None:
@@ -145,40 +149,60 @@ def reference_main(args) -> None:
     cfg = AppConfig(batch_size=args.batch_size, unet_base=args.unet_base, classifier=args.classifier, augment=True)
     splits = load_splits(None, limit_train=args.steps * args.batch_size)
     classifier, _ = load_classifier(args.classifier)
-    train_in_process(cfg, classifier, load_feature_net(None), splits.train_all.images, splits.train_all.labels,
-                     splits.train_ids, max_steps=args.steps, steps_per_epoch=args.steps)
+    train_in_process(cfg, classifier, load_feature_net(None, device=args.device), splits.train_all.images,
+                     splits.train_all.labels, splits.train_ids, max_steps=args.steps, steps_per_epoch=args.steps,
+                     device=args.device)
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
-def per_step(runner, n1: int, n2: int, repeats: int = 2) -> tuple[float, list[dict]]:
-    """(wall(n2) − wall(n1)) / (n2 − n1), each wall the best of ``repeats`` runs."""
-    runs = {n: [runner(n) for _ in range(repeats)] for n in (n1, n2)}
-    best = {n: min(r["wall"] for r in rs) for n, rs in runs.items()}
-    return (best[n2] - best[n1]) / (n2 - n1), [r for rs in runs.values() for r in rs]
+def per_step(runners: dict, n1: int, n2: int, repeats: int = 2) -> tuple[dict, list[dict]]:
+    """Per runner: (wall(n2) − wall(n1)) / (n2 − n1), each wall the best of ``repeats`` runs. The runners' runs
+    are interleaved (a, b, a, b, …) so that a slow spell of a shared machine does not favour one of them."""
+    walls: dict = {name: {n1: [], n2: []} for name in runners}
+    runs = []
+    for _ in range(repeats):
+        for n in (n1, n2):
+            for name, runner in runners.items():
+                r = runner(n)
+                walls[name][n].append(r["wall"])
+                runs.append({**r, "runner": name})
+    return {name: (min(w[n2]) - min(w[n1])) / (n2 - n1) for name, w in walls.items()}, runs
 
 
 def steps_main(args) -> dict:
-    out = {"what": "per-step seconds from whole-run walls: (wall(N2) - wall(N1)) / (N2 - N1), best of 2"}
-    for width, batch, users_list in ((64, 16, [1]), (16, 128, [1, 4])):
-        n1, n2 = args.n1, args.n2
-        ref, _ = per_step(lambda n: reference_run(args, width, batch, n), n1, n2)
+    out = {"what": "per-step seconds from whole-run walls: (wall(N2) - wall(N1)) / (N2 - N1), best of 2, "
+                   "runs interleaved", "n1": args.n1, "n2": args.n2}
+    configs = {"64x16": (64, 16, [1]), "16x128": (16, 128, [1, 4]), "16x16": (16, 16, [1])}
+    for key in args.configs:
+        width, batch, users_list = configs[key]
+        runners = {"reference": lambda n: reference_run(args, width, batch, n)}
+        for users in users_list:
+            runners[f"flower-{users}"] = (lambda u: lambda n: sim_run(args, u, width, batch, n))(users)
+        per, runs = per_step(runners, args.n1, args.n2)
+        ref = per["reference"]
         row = {"width": width, "batch": batch, "reference_s_per_step": ref, "flower": []}
         print(f"width {width}, batch {batch}: in-process {ref:.3f} s/step", flush=True)
         for users in users_list:
-            flower, runs = per_step(lambda n: sim_run(args, users, width, batch, n), n1, n2)
-            longest = max(runs, key=lambda r: r["steps"])
+            flower = per[f"flower-{users}"]
+            longest = max((r for r in runs if r["runner"] == f"flower-{users}"), key=lambda r: r["steps"])
             entry = {"users": users, "s_per_round": flower, "images_per_s": users * batch / flower,
                      "ratio_to_reference": ref / flower if users == 1 else None,
                      "internal_median_round_s": longest["median_round_s"],
                      "internal_median_overhead_s": longest["median_overhead_s"],
                      "internal_median_user_compute_s": longest["median_user_compute_s"],
                      "internal_median_provider_compute_s": longest["median_provider_compute_s"],
-                     "graph_modes": longest["graph_modes"], "walls": {r["steps"]: r["wall"] for r in runs}}
+                     "graph_modes": longest["graph_modes"],
+                     "walls": [(r["steps"], r["wall"]) for r in runs if r["runner"] == f"flower-{users}"]}
             row["flower"].append(entry)
-            print(f"  Flower, {users} user(s): {flower:.3f} s/round, {entry['images_per_s']:.1f} images/s; "
-                  f"overhead {entry['internal_median_overhead_s'] * 1000:.1f} ms/round", flush=True)
+            print(f"  Flower, {users} user(s): {flower:.3f} s/round, {entry['images_per_s']:.1f} images/s"
+                  + (f", {ref / flower:.2f} × in-process" if users == 1 else "")
+                  + f"; internal overhead {entry['internal_median_overhead_s'] * 1000:.1f} ms/round", flush=True)
+        row["reference_walls"] = [(r["steps"], r["wall"]) for r in runs if r["runner"] == "reference"]
         one = row["flower"][0]["images_per_s"]
         for entry in row["flower"][1:]:
             entry["aggregate_to_one_user"] = entry["images_per_s"] / one
+            print(f"  {entry['users']} users aggregate / 1 user = {entry['aggregate_to_one_user']:.2f}", flush=True)
         out[f"width{width}_batch{batch}"] = row
     return out
 
@@ -196,30 +220,67 @@ def users_main(args) -> dict:
             "unet_base": args.unet_base, "batch": args.batch_size, "steps": args.steps, "runs": rows}
 
 
+def gpu_main(args) -> dict:
+    """benchmarks/gpu_check.sh: the paper's width on one GPU (or, with --dry, a tiny CPU rehearsal of the same)."""
+    width, batch, device = (8, 8, "cpu") if args.dry else (64, 128, "cuda")
+    n1, n2 = (2, 4) if args.dry else (20, 60)
+    gpus = 0.0 if args.dry else 1.0
+    out = {"what": "one GPU: in-process vs Flower (1 user), 8 users on GPU shares, a short paper-recipe run",
+           "width": width, "batch": batch, "device": device}
+    per, _ = per_step({"reference": lambda n: reference_run(args, width, batch, n, device),
+                       "flower": lambda n: sim_run(args, 1, width, batch, n, num_gpus=gpus)}, n1, n2, repeats=1)
+    ref, flower = per["reference"], per["flower"]
+    out["one_user"] = {"reference_s_per_step": ref, "flower_s_per_step": flower, "ratio": ref / flower}
+    print(f"1 user: in-process {ref * 1000:.1f} ms/step, Flower {flower * 1000:.1f} ms/step, ratio {ref / flower:.2f}",
+          flush=True)
+    eight = sim_run(args, 8, width, batch, n1, num_gpus=gpus / 8)
+    eight.pop("log_tail")
+    out["eight_users"] = eight
+    print(f"8 users on 1/8 GPU each: median round {eight['median_round_s'] * 1000:.1f} ms, "
+          f"{8 * batch / eight['median_round_s']:.0f} images/s", flush=True)
+    steps = 8 if args.dry else 350  # 1 epoch of 45,000 images at batch 128 = 352 steps
+    paper = sim_run(args, 1, width, batch, steps, num_gpus=gpus, eval_images=500 if not args.dry else 8,
+                    extra={"alpha": 0.005, "lr": 0.1, "augment": True})
+    paper.pop("log_tail")
+    out["paper_recipe_one_epoch"] = paper
+    per_epoch = paper["median_round_s"] * 352
+    out["paper_estimate"] = {"seconds_per_epoch": per_epoch, "gpu_hours_200_epochs_one_alpha": per_epoch * 200 / 3600}
+    print(f"paper recipe: {paper['median_round_s'] * 1000:.1f} ms/step → {per_epoch * 200 / 3600:.2f} GPU-hours "
+          "for 200 epochs of one α", flush=True)
+    return out
+
+
 def plot_users(result: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, NullLocator
 
     runs = result["runs"]
     users = [r["users"] for r in runs]
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
     a.plot(users, [r["median_round_s"] for r in runs], "o-")
-    a.set(xlabel="users", ylabel="median round (s)", title="one SGD step of every user", xscale="log", xticks=users)
-    a.set_xticklabels(users)
+    a.set(xlabel="users", ylabel="median round (s)", title="one SGD step of every user (2 cores)")
     b.plot(users, [r["peak_rss_bytes"] / 2**30 for r in runs], "o-", label="sum of RSS")
-    b.plot(users, [r["peak_pss_bytes"] / 2**30 for r in runs], "s--", label="sum of PSS")
-    b.set(xlabel="users", ylabel="peak memory, all processes (GiB)", title="memory", xscale="log", xticks=users)
-    b.set_xticklabels(users)
-    b.legend()
+    b.plot(users, [r["peak_pss_bytes"] / 2**30 for r in runs], "s--", label="sum of PSS (shared pages split)")
+    b.set(xlabel="users", ylabel="peak memory, all processes (GiB)", title="memory of the whole run", ylim=(0, None))
+    b.legend(loc="lower right")
+    for ax in (a, b):
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_locator(FixedLocator(users))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticklabels([str(u) for u in users])
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["steps", "users", "reference"])
+    ap.add_argument("what", choices=["steps", "users", "reference", "plot", "gpu"])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dry", action="store_true", help="gpu: rehearse on CPU at tiny sizes")
     ap.add_argument("--classifier", default="")
     ap.add_argument("--n1", type=int, default=4)
     ap.add_argument("--n2", type=int, default=14)
@@ -228,10 +289,14 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--keep-graph", default="auto")
+    ap.add_argument("--configs", nargs="+", default=["64x16", "16x128", "16x16"],
+                    help="steps: WIDTHxBATCH regimes to measure (64x16, 16x128 with 1 and 4 users, 16x16)")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     if args.what == "reference":
         return reference_main(args)
+    if args.what == "plot":  # redraw the users figure from its JSON
+        return plot_users(json.loads(Path(args.out).read_text()), Path(args.out).with_suffix(".png"))
     if not args.classifier:
         from pp_flower.checkpoints import classifier_blob, save_atomic
         from pp_flower.models import ResNet20
@@ -240,7 +305,7 @@ def main() -> None:
         save_atomic(classifier_blob(ResNet20(), "resnet20", 10), args.classifier)
     import torch
 
-    result = steps_main(args) if args.what == "steps" else users_main(args)
+    result = {"steps": steps_main, "users": users_main, "gpu": gpu_main}[args.what](args)
     result["machine"] = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
                          f"{torch.__version__}, {'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'}")
     if args.out:

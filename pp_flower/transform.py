@@ -85,18 +85,32 @@ def _backward(opt: torch.optim.Optimizer, feature_net: nn.Module, x: torch.Tenso
     return l_feat.item()
 
 
-def class_gradient_step(opt: torch.optim.Optimizer, feature_net: nn.Module, x: torch.Tensor, xhat: torch.Tensor,
-                        grad_class: torch.Tensor, alpha: float) -> float:
-    """One SGD step of h_θ through the kept graph of x̂ = h_θ(x): the provider's ∂L_class/∂x̂ plus the local
-    feature term (Eq. 6). Returns L_feat."""
-    l_feat = _backward(opt, feature_net, x, xhat, grad_class, alpha)
+def feature_gradient(feature_net: nn.Module, x: torch.Tensor, xhat: torch.Tensor, alpha: float
+                     ) -> tuple[torch.Tensor, float]:
+    """(∂(−α·L_feat)/∂x̂, L_feat) for x̂ as a leaf: the user's own part of Eq. (6), which needs no ψ.
+
+    A live user computes it while the provider works on ψ; adding it to ∂L_class/∂x̂ at x̂ is exactly what
+    autograd does with two roots (a sum of two terms does not depend on their order).
+    """
+    leaf = xhat.detach().requires_grad_(True)
+    with torch.no_grad():
+        target = feature_net(x)
+    l_feat = feature_loss(feature_net(leaf), target)
+    (g,) = torch.autograd.grad(-alpha * l_feat, leaf)
+    return g, l_feat.item()
+
+
+def class_gradient_step(opt: torch.optim.Optimizer, xhat: torch.Tensor, grad_class: torch.Tensor,
+                        grad_feature: torch.Tensor) -> None:
+    """One SGD step of h_θ through the kept graph of x̂ = h_θ(x), from the full ∂L_trans/∂x̂ (Eq. 6)."""
+    opt.zero_grad(set_to_none=True)
+    xhat.backward(grad_class.to(xhat.device, xhat.dtype) + grad_feature)
     opt.step()
-    return l_feat
 
 
 def apply_class_gradient(net: nn.Module, opt: torch.optim.Optimizer, feature_net: nn.Module, x: torch.Tensor,
                          grad_class: torch.Tensor, alpha: float) -> float:
-    """:func:`class_gradient_step` after recomputing the forward pass that produced the x̂ the provider saw.
+    """One SGD step of h_θ after recomputing the forward pass that produced the x̂ the provider saw (Eq. 6).
 
     For a user whose graph did not survive (a message-per-process runtime, or too little memory to keep it):
     the recomputation is bit-identical, and BatchNorm's running statistics are restored once backward no longer

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +31,13 @@ from pp_flower.data import load_datasets, to_float
 from pp_flower.errors import PPFlowerError
 from pp_flower.features import load_feature_net
 from pp_flower.models import UNet, unet_from_state_dict
-from pp_flower.transform import (apply_class_gradient, class_gradient_step, init_transform_net, make_optimizer,
-                                 produce, produce_with_graph, set_lr, train_batch, user_seed)
+from pp_flower.transform import (apply_class_gradient, class_gradient_step, feature_gradient, init_transform_net,
+                                 make_optimizer, produce, produce_with_graph, set_lr, train_batch, user_seed)
 
 log = logging.getLogger("pp_flower.user")
+
+# one background thread per trainer: a kept batch's feature-loss gradient is computed while the provider runs ψ
+_BACKGROUND = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pp-feature")
 
 # keys of the setup config that describe the user, not the run
 USER_KEYS = ("user-index", "steps-per-epoch", "out-dir")
@@ -94,7 +98,7 @@ class LiveUser:
                                "val-curve": [], "feature-losses": []}
         self.best: dict[str, torch.Tensor] | None = None   # h_θ with the lowest validation L_trans (test uses it)
         self.acc: dict[str, torch.Tensor] = {}              # evaluation results gathered chunk by chunk
-        self.graph: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (step, x̂ with its graph, x)
+        self.graph: tuple | None = None  # (step, x̂ with its graph, future of the feature-loss gradient at x̂)
         self.keep_graph = {"keep": True, "recompute": False}.get(self.cfg.keep_graph)  # None: decide (auto)
         self._data = self._phi = None
         self.hosted = 1  # users sharing this user's trainer (its memory budget for kept graphs)
@@ -175,15 +179,19 @@ class LiveUser:
         else:
             xhat = produce_with_graph(self.net, x)
         if self.keep_graph:
-            self.graph = (step, xhat, x)
+            # the feature term of Eq. (6) needs no ψ: work it out while x̂ travels and the provider runs ψ
+            feature = _BACKGROUND.submit(feature_gradient, self.feature_net(), x, xhat, self.cfg.alpha)
+            self.graph = (step, xhat, feature)
         return xhat.detach()
 
     def _apply(self, step: int, grad: torch.Tensor) -> float:
         set_lr(self.opt, step // self.steps_per_epoch, self.cfg.epochs, self.cfg.lr)
         if self.graph is not None and self.graph[0] == step:
-            _, xhat, x = self.graph
+            _, xhat, feature = self.graph
             self.graph = None
-            return class_gradient_step(self.opt, self.feature_net(), x, xhat, grad, self.cfg.alpha)
+            grad_feature, l_feat = feature.result()
+            class_gradient_step(self.opt, xhat, grad, grad_feature)
+            return l_feat
         _, x = self.batch(step)  # recompute the forward pass (bit-identical; BN statistics restored)
         return apply_class_gradient(self.net, self.opt, self.feature_net(), x, grad, self.cfg.alpha)
 

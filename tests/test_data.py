@@ -49,17 +49,20 @@ def test_augment_crops_and_flips_per_image():
     assert all(torch.equal(y[i], x[i]) or torch.equal(y[i], x[i].flip(-1)) for i in range(2))
 
 
-def test_second_load_is_cached(data_dir):
-    import time
-
+def test_second_load_is_cached(data_dir, monkeypatch):
+    """A second load (fresh process memory) comes from the disk cache: not one JPEG is decoded."""
     import pp_flower.data as d
 
-    load_datasets(data_dir)
+    first = load_datasets(data_dir)
     d._MEMORY_CACHE.clear()
-    t0 = time.perf_counter()
+
+    def no_decoding(path):
+        raise AssertionError(f"decoded {path} although the disk cache holds the data set")
+
+    monkeypatch.setattr(d, "read_image", no_decoding)
     train, test = load_datasets(data_dir)
     assert len(train) == 50_000 and len(test) == 10_000
-    assert time.perf_counter() - t0 < 5  # the disk cache (a uint8 tensor), not 60,000 JPEG decodes
+    assert torch.equal(train.images[:64], first[0].images[:64]) and torch.equal(test.labels, first[1].labels)
 
 
 def test_missing_and_malformed_data_dirs(tmp_path):
