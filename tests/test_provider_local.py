@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -27,6 +28,9 @@ class LocalGrid:
 
     def get_node_ids(self):
         return list(self.contexts)
+
+    def get_nodes(self):
+        return [SimpleNamespace(node_id=n, last_activated_at="") for n in self.contexts]
 
     def push_messages(self, messages):
         ids = []
@@ -54,8 +58,8 @@ def _run(tmp_path, classifier_ckpt, name, lose=lambda node, msg: False, mode="in
                                      "limit-eval": 10, "eval-chunk": 10, "num-threads": 1, "step-timeout": 0.3,
                                      "classifier": str(classifier_ckpt), "run-dir": str(tmp_path / name)})
     grid = LocalGrid(client_app, 2, lose, {"user-trainer": mode})
-    summary = ProviderStrategy.from_config(cfg).run(grid)
-    return summary, grid
+    result = ProviderStrategy.from_config(cfg).start(grid)
+    return json.loads((tmp_path / name / "run.json").read_text()), grid, result
 
 
 @pytest.fixture
@@ -84,8 +88,8 @@ def test_lost_message_drops_the_user_for_one_step_and_changes_nothing(tmp_path, 
             return True
         return False
 
-    clean, _ = _run(tmp_path, classifier_ckpt, "clean", mode=mode)
-    faulty, grid = _run(tmp_path, classifier_ckpt, "faulty", lose_once, mode=mode)
+    clean, _, _ = _run(tmp_path, classifier_ckpt, "clean", mode=mode)
+    faulty, grid, _ = _run(tmp_path, classifier_ckpt, "faulty", lose_once, mode=mode)
     assert grid.lost == 1
     user = faulty["users"][1]
     assert [reason for _, reason in user["dropped_steps"]] == ["no reply within 0.3 s"]
@@ -96,3 +100,25 @@ def test_lost_message_drops_the_user_for_one_step_and_changes_nothing(tmp_path, 
     for key, value in a.state_dict().items():
         assert torch.equal(value, b.state_dict()[key]), key
     assert json.loads((tmp_path / "faulty" / "run.json").read_text())["users"][0]["dropped_steps"] == []
+
+
+def test_provider_is_a_flower_strategy_returning_flowers_result(tmp_path, classifier_ckpt, task_identity):
+    """ProviderStrategy is a flwr Strategy; start() returns a Result with each round's per-user metrics."""
+    import flwr.serverapp.strategy as flwr_strategy
+
+    assert issubclass(ProviderStrategy, flwr_strategy.Strategy)
+    summary, _, result = _run(tmp_path, classifier_ckpt, "run")
+    assert isinstance(result, flwr_strategy.Result)
+    steps = summary["steps_per_epoch"]
+    # one training round per SGD step of the users, each with every user's L_class of that step, as in run.json
+    assert sorted(result.train_metrics_clientapp) == list(range(1, steps + 1))
+    for k, user in enumerate(summary["users"]):
+        losses = [result.train_metrics_clientapp[r][f"user-{k}/train-class-loss"] for r in range(1, steps + 1)]
+        assert losses == pytest.approx(user["train_class_loss_curve"])
+    # validation after the epoch, then the test: the users' own metrics, keyed by user
+    (val_round, val), (test_round, test) = sorted(result.evaluate_metrics_clientapp.items())
+    assert (val_round, test_round) == (steps + 1, steps + 2)  # the last training round only applies gradients
+    for k, user in enumerate(summary["users"]):
+        assert val[f"user-{k}/val-transform-loss"] == pytest.approx(user["val"][0]["val-transform-loss"])
+        assert test[f"user-{k}/test-accuracy"] == pytest.approx(user["test"]["test-accuracy"])
+        assert test[f"user-{k}/protected-psnr"] == pytest.approx(user["test"]["protected-psnr"])
