@@ -171,15 +171,15 @@ def per_step(runners: dict, n1: int, n2: int, repeats: int = 2) -> tuple[dict, l
 
 
 def steps_main(args) -> dict:
-    out = {"what": "per-step seconds from whole-run walls: (wall(N2) - wall(N1)) / (N2 - N1), best of 2, "
-                   "runs interleaved", "n1": args.n1, "n2": args.n2}
+    out = {"what": "per-step seconds from whole-run walls: (wall(N2) - wall(N1)) / (N2 - N1), best of "
+                   f"{args.repeats}, runs interleaved", "n1": args.n1, "n2": args.n2}
     configs = {"64x16": (64, 16, [1]), "16x128": (16, 128, [1, 4]), "16x16": (16, 16, [1])}
     for key in args.configs:
         width, batch, users_list = configs[key]
         runners = {"reference": lambda n: reference_run(args, width, batch, n)}
         for users in users_list:
             runners[f"flower-{users}"] = (lambda u: lambda n: sim_run(args, u, width, batch, n))(users)
-        per, runs = per_step(runners, args.n1, args.n2)
+        per, runs = per_step(runners, args.n1, args.n2, args.repeats)
         ref = per["reference"]
         row = {"width": width, "batch": batch, "reference_s_per_step": ref, "flower": []}
         print(f"width {width}, batch {batch}: in-process {ref:.3f} s/step", flush=True)
@@ -289,6 +289,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--keep-graph", default="auto")
+    ap.add_argument("--repeats", type=int, default=3, help="steps: runs per step count (the best one counts)")
     ap.add_argument("--configs", nargs="+", default=["64x16", "16x128", "16x16"],
                     help="steps: WIDTHxBATCH regimes to measure (64x16, 16x128 with 1 and 4 users, 16x16)")
     ap.add_argument("--out", default="")

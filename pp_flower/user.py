@@ -18,7 +18,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,7 @@ log = logging.getLogger("pp_flower.user")
 
 # one background thread per trainer: a kept batch's feature-loss gradient is computed while the provider runs ψ
 _BACKGROUND = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pp-feature")
+OVERLAP = os.environ.get("PPFLOWER_FEATURE_OVERLAP", "1") != "0"
 
 # keys of the setup config that describe the user, not the run
 USER_KEYS = ("user-index", "steps-per-epoch", "out-dir")
@@ -180,7 +182,11 @@ class LiveUser:
             xhat = produce_with_graph(self.net, x)
         if self.keep_graph:
             # the feature term of Eq. (6) needs no ψ: work it out while x̂ travels and the provider runs ψ
-            feature = _BACKGROUND.submit(feature_gradient, self.feature_net(), x, xhat, self.cfg.alpha)
+            if OVERLAP:
+                feature = _BACKGROUND.submit(feature_gradient, self.feature_net(), x, xhat, self.cfg.alpha)
+            else:
+                feature = Future()
+                feature.set_result(feature_gradient(self.feature_net(), x, xhat, self.cfg.alpha))
             self.graph = (step, xhat, feature)
         return xhat.detach()
 

@@ -37,7 +37,7 @@ def make_server_app(message_log=None) -> ServerApp:
         from strategies.provider import ProviderStrategy  # the provider's torch stack: never in a user's process
 
         cfg = AppConfig.from_run_config(context.run_config)
-        ProviderStrategy.from_config(cfg, message_log=message_log).run(grid)
+        ProviderStrategy.from_config(cfg, message_log=message_log).start(grid)
 
     return app
 

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from flwr.app import Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result, Strategy
 
 from pp_flower import protocol as P
 from pp_flower.checkpoints import load_classifier, save_atomic, transform_blob
@@ -86,8 +87,15 @@ def preflight(cfg: AppConfig) -> None:
     load_feature_net(cfg.vgg_weights or None, cfg.feature_layer)
 
 
-class ProviderStrategy:
-    """The semi-trusted cloud provider of the paper's framework (Sec. III), as a Flower strategy."""
+class ProviderStrategy(Strategy):
+    """The semi-trusted cloud provider of the paper's framework (Sec. III), as a Flower strategy.
+
+    Flower's vocabulary, with split learning's meaning: a *training round* is one SGD step of every active user
+    (``configure_train``: each user's pending ∂L_class/∂x̂ and the batch wanted next; ``aggregate_train``: check
+    the replies and run ψ once over all users' x̂), and an *evaluation round* is one chunk of validation or test
+    images (``configure_evaluate`` / ``aggregate_evaluate``). ``start`` owns the loop — fast polling, setup,
+    rejoins, optional FedAvg of the public h_θ — and returns Flower's ``Result``.
+    """
 
     def __init__(self, cfg: AppConfig, classifier: torch.nn.Module, train_labels: torch.Tensor,
                  ids: dict[str, torch.Tensor], image_shape: tuple[int, ...] = (3, 32, 32),
@@ -109,6 +117,7 @@ class ProviderStrategy:
         if self.microbatch < 0:
             on_gpu = next(classifier.parameters()).device.type == "cuda"
             self.microbatch = 0 if on_gpu else 128  # per training round: wall seconds and images trained
+        self.result = Result()
         self.timing = {"train_seconds": 0.0, "wait": 0.0, "user_compute_critical": 0.0, "user_compute_total": 0.0,
                        "provider_compute": 0.0, "steps": 0, "train_images": 0, "bytes_to_provider": 0,
                        "bytes_to_users": 0}
@@ -200,8 +209,16 @@ class ProviderStrategy:
         return Message(content=content, dst_node_id=user.node_id, message_type=message_type)
 
     # --- the run ---------------------------------------------------------------------------------------
-    def run(self, grid: Grid) -> dict:
+    def start(self, grid: Grid, initial_arrays: ArrayRecord | None = None, num_rounds: int | None = None,
+              timeout: float | None = None, train_config: ConfigRecord | None = None,
+              evaluate_config: ConfigRecord | None = None, evaluate_fn=None) -> Result:
+        """Set users up, train ``epochs`` × steps-per-epoch rounds with validation after each epoch, then test.
+
+        The number of rounds follows from the run config (``num_rounds`` is not used); ``initial_arrays`` is
+        unused too (there is no global model: each user's h_θ stays with the user). Writes ``run.json``.
+        """
         started = time.time()
+        self.summary()
         self.setup(grid)
         total = self.cfg.epochs * self.steps_per_epoch * len(self.users)
         with Bar(f"h_θ steps of {len(self.users)} users", total) as self.bar:
@@ -211,11 +228,32 @@ class ProviderStrategy:
             user.final_metrics = metrics
             log.info("user %d: test accuracy %.4f, protected PSNR %.2f dB", user.index, metrics["test-accuracy"],
                      metrics["protected-psnr"])
-        summary = self.summary(time.time() - started)
+        # the test is a round of its own, after the last training round and its validation
+        self.result.evaluate_metrics_clientapp[len(self.rounds) + 1] = MetricRecord(self._per_user(
+            {u: u.final_metrics for u in self.users.values() if u.final_metrics}))
         out = Path(self.cfg.run_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "run.json").write_text(json.dumps(summary, indent=2))
-        return summary
+        (out / "run.json").write_text(json.dumps(self.run_summary(time.time() - started), indent=2))
+        return self.result
+
+    def summary(self) -> None:
+        """Log the strategy's configuration, as Flower's strategies do."""
+        cfg = self.cfg
+        log.info("ProviderStrategy (split learning of h_θ, Ito et al. Sec. III):")
+        log.info("\t├── ψ: %s on %s, micro-batch %s", Path(cfg.classifier).name,
+                 next(self.classifier.parameters()).device, self.microbatch or "all")
+        log.info("\t├── L_trans = CE − α·L_feat, α = %g; %d epochs, batch %d, lr %g", cfg.alpha, cfg.epochs,
+                 cfg.batch_size, cfg.lr)
+        log.info("\t├── data: %d train / %d val / %d test ids, partition %s", len(self.ids["train"]),
+                 len(self.ids["val"]), len(self.ids["test"]), cfg.partition)
+        log.info("\t└── users: min %d, step timeout %g s, max failures %d, aggregate %s", cfg.min_users,
+                 cfg.step_timeout, cfg.max_failures, cfg.aggregate)
+
+    @staticmethod
+    def _per_user(values: dict["UserTrack", dict]) -> dict:
+        """One MetricRecord-shaped dict: ``user-K/<metric>`` for every user's scalar metrics."""
+        return {f"user-{u.index}/{k}": float(v) for u, m in values.items() for k, v in m.items()
+                if isinstance(v, (int, float))}
 
     def wait_for_users(self, grid: Grid) -> list[int]:
         """The connected users' node ids, once ``min-users`` of them are there (deployment: nodes join late)."""
@@ -239,8 +277,6 @@ class ProviderStrategy:
     @staticmethod
     def node_activations(grid: Grid) -> dict[int, str]:
         """Online node id → when it last (re)connected; a changed time means its SuperNode restarted."""
-        if not hasattr(grid, "get_nodes"):  # a minimal Grid (tests): ids only
-            return {node: "" for node in grid.get_node_ids()}
         return {n.node_id: getattr(n, "last_activated_at", "") for n in grid.get_nodes()}
 
     def reconnect(self, grid: Grid) -> None:
@@ -309,9 +345,11 @@ class ProviderStrategy:
 
     def _epoch(self, grid: Grid, epoch: int) -> None:
         self.train_epoch(grid, epoch)
-        for user, metrics in self.evaluate(grid, "val").items():
+        val = self.evaluate(grid, "val")
+        for user, metrics in val.items():
             user.val_metrics.append(metrics)
             log.info("epoch %d user %d: val L_trans %.4f", epoch + 1, user.index, metrics["val-transform-loss"])
+        self.result.evaluate_metrics_clientapp[len(self.rounds)] = MetricRecord(self._per_user(val))
 
     def train_epoch(self, grid: Grid, epoch: int) -> None:
         started = time.perf_counter()
@@ -334,68 +372,93 @@ class ProviderStrategy:
                 return
             rounds_since_average += 1
             round_start = time.perf_counter()
-            messages = []
-            for user in todo:
-                want = user.next_batch()
-                control = {"grad-step": user.pending.step if user.pending else P.NONE,
-                           "want": want if want < end else P.NONE}
-                if user.refused is not None:
-                    control.update({"refused-step": user.refused[0], "reason": user.refused[1]})
-                grad = {"grad": user.pending.grad} if user.pending else None
-                messages.append(self._message(user, P.STEP, control, **{P.GRAD: grad}))
+            server_round = len(self.rounds) + 1
+            messages = list(self.configure_train(server_round, ArrayRecord(), ConfigRecord({"end": end}), grid))
             replies = self.exchange(grid, messages, self.cfg.step_timeout)
-            computes = [float(r.content.metric_records[P.METRICS].get("compute-seconds", 0.0))
-                        for r in replies.values() if not r.has_error() and P.METRICS in r.content.metric_records]
-            user_critical = max(computes, default=0.0)
-            self.timing["user_compute_critical"] += user_critical
-            self.timing["user_compute_total"] += sum(computes)
-            submissions = []
-            for user in todo:
-                reply = replies.get(user.node_id)
-                if not self._reply_ok(user, reply):
-                    continue
-                expected = user.next_batch()
-                try:
-                    control = reply.content.config_records[P.CONTROL]
-                    user.applied = int(control["step"])
-                except (KeyError, TypeError, ValueError):
-                    self._fail(user, "reply refused: control record missing or malformed")
-                    continue
-                if user.pending is not None and user.applied > user.pending.step:
-                    user.pending = None
-                if user.refused is not None and user.applied > user.refused[0]:
-                    user.refused = None
-                try:
-                    sub = P.validate_submission(reply, user.ids["train"], self.image_shape, self.cfg.batch_size)
-                    if sub is not None and sub.batch != expected:
-                        raise P.ProtocolError(f"sent batch {sub.batch}, expected batch {expected}")
-                except P.ProtocolError as exc:
-                    user.refused = (expected, str(exc))
-                    self._fail(user, f"reply refused: {exc}", expected)
-                    continue
-                if sub is None and not user.done(end):
-                    self._fail(user, f"no progress (user at step {user.applied}, provider expects batch {expected})")
-                    continue
-                user.failures = 0
-                if sub is not None:
-                    submissions.append((user, sub))
-            provider_seconds = 0.0
-            if submissions:
-                t0 = time.perf_counter()
-                labels = [self.train_labels[s.ids] for _, s in submissions]
-                grads, losses = class_gradients(self.classifier, [s.xhat for _, s in submissions], labels,
-                                                self.microbatch)
-                for (user, sub), g, loss in zip(submissions, grads, losses):
-                    user.pending = Pending(sub.batch, g, loss)
-                    user.class_losses.append(loss)
-                    self.timing["train_images"] += len(sub.ids)
-                self.bar.advance(len(submissions))
-                provider_seconds = time.perf_counter() - t0
-                self.timing["provider_compute"] += provider_seconds
+            _, metrics = self.aggregate_train(server_round, replies.values())
             self.timing["steps"] += 1
-            self.rounds.append({"seconds": time.perf_counter() - round_start,
-                                "images": sum(len(s.ids) for _, s in submissions),
-                                "user_compute": user_critical, "provider_compute": provider_seconds})
+            self.rounds.append({"seconds": time.perf_counter() - round_start, **self._round})
+            if metrics is not None:
+                self.result.train_metrics_clientapp[server_round] = metrics
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+                        ) -> list[Message]:
+        """One SGD step's messages: every active user's pending ∂L_class/∂x̂ and the batch it should send next."""
+        end = int(config["end"])
+        self._round_users = [u for u in self.users.values() if u.active and not u.done(end)]
+        self._round_end = end
+        messages = []
+        for user in self._round_users:
+            want = user.next_batch()
+            control = {"grad-step": user.pending.step if user.pending else P.NONE, "want": want if want < end else P.NONE}
+            if user.refused is not None:
+                control.update({"refused-step": user.refused[0], "reason": user.refused[1]})
+            grad = {"grad": user.pending.grad} if user.pending else None
+            messages.append(self._message(user, P.STEP, control, **{P.GRAD: grad}))
+        return messages
+
+    def aggregate_train(self, server_round: int, replies) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Check every reply before any of it reaches ψ, then run ψ once over all users' x̂ (one SGD step each).
+
+        No global arrays come out (each user's h_θ stays with the user); the metrics are each user's
+        L_class of this step, ``user-K/train-class-loss``.
+        """
+        by_node = {r.metadata.src_node_id: r for r in replies}
+        computes = [float(r.content.metric_records[P.METRICS].get("compute-seconds", 0.0))
+                    for r in by_node.values() if not r.has_error() and P.METRICS in r.content.metric_records]
+        user_critical = max(computes, default=0.0)
+        self.timing["user_compute_critical"] += user_critical
+        self.timing["user_compute_total"] += sum(computes)
+        end = self._round_end
+        submissions = []
+        for user in self._round_users:
+            reply = by_node.get(user.node_id)
+            if not self._reply_ok(user, reply):
+                continue
+            expected = user.next_batch()
+            try:
+                control = reply.content.config_records[P.CONTROL]
+                user.applied = int(control["step"])
+            except (KeyError, TypeError, ValueError):
+                self._fail(user, "reply refused: control record missing or malformed")
+                continue
+            if user.pending is not None and user.applied > user.pending.step:
+                user.pending = None
+            if user.refused is not None and user.applied > user.refused[0]:
+                user.refused = None
+            try:
+                sub = P.validate_submission(reply, user.ids["train"], self.image_shape, self.cfg.batch_size)
+                if sub is not None and sub.batch != expected:
+                    raise P.ProtocolError(f"sent batch {sub.batch}, expected batch {expected}")
+            except P.ProtocolError as exc:
+                user.refused = (expected, str(exc))
+                self._fail(user, f"reply refused: {exc}", expected)
+                continue
+            if sub is None and not user.done(end):
+                self._fail(user, f"no progress (user at step {user.applied}, provider expects batch {expected})")
+                continue
+            user.failures = 0
+            if sub is not None:
+                submissions.append((user, sub))
+        provider_seconds = 0.0
+        metrics = None
+        if submissions:
+            t0 = time.perf_counter()
+            labels = [self.train_labels[s.ids] for _, s in submissions]
+            grads, losses = class_gradients(self.classifier, [s.xhat for _, s in submissions], labels,
+                                            self.microbatch)
+            for (user, sub), g, loss in zip(submissions, grads, losses):
+                user.pending = Pending(sub.batch, g, loss)
+                user.class_losses.append(loss)
+                self.timing["train_images"] += len(sub.ids)
+            self.bar.advance(len(submissions))
+            provider_seconds = time.perf_counter() - t0
+            self.timing["provider_compute"] += provider_seconds
+            metrics = MetricRecord({f"user-{u.index}/train-class-loss": loss
+                                    for (u, _), loss in zip(submissions, losses)})
+        self._round = {"images": sum(len(s.ids) for _, s in submissions), "user_compute": user_critical,
+                       "provider_compute": provider_seconds}
+        return None, metrics
 
     def average(self, grid: Grid) -> None:
         """FedAvg of the users' h_θ (weighted by shard size) into one public h_θ, sent back to every user.
@@ -439,60 +502,78 @@ class ProviderStrategy:
         log.info("FedAvg of %d users' h_θ → %s", len(states), Path(self.cfg.run_dir) / "public_transform_net.pt")
 
     def evaluate(self, grid: Grid, phase: str) -> dict[UserTrack, dict]:
-        """Validation (ψ's per-sample cross-entropy back) or test (ψ's predicted labels back), chunk by chunk."""
-        chunk = self.cfg.eval_chunk
-        progress = {u.node_id: 0 for u in self.users.values() if u.active}
-        results: dict[int, dict | None] = {n: None for n in progress}
-        done: dict[UserTrack, dict] = {}
-        while progress:
-            messages = []
-            for node, k in progress.items():
-                user = self.users[node]
-                n_chunks = math.ceil(len(user.ids[phase]) / chunk)
-                control = {"phase": phase, "want": k if k < n_chunks else P.NONE, "result-chunk": k - 1}
-                messages.append(self._message(user, P.EVAL, control, **{P.RESULT: results[node]}))
+        """Validation (ψ's per-sample cross-entropy back) or test (right/wrong back), one chunk per round."""
+        self._eval = {"phase": phase, "progress": {u.node_id: 0 for u in self.users.values() if u.active},
+                      "done": {}}
+        self._eval["results"] = {n: None for n in self._eval["progress"]}
+        server_round = 0
+        while self._eval["progress"]:
+            server_round += 1
+            messages = list(self.configure_evaluate(server_round, ArrayRecord(), ConfigRecord({"phase": phase}), grid))
             replies = self.exchange(grid, messages, self.cfg.step_timeout, phase)
-            batch = []
-            for node in list(progress):
-                user = self.users[node]
-                reply = replies.get(node)
-                if not self._reply_ok(user, reply):
-                    if not user.active:
-                        progress.pop(node)
-                    continue
-                try:
-                    sub = P.validate_submission(reply, user.ids[phase], self.image_shape, chunk)
-                except P.ProtocolError as exc:
-                    self._fail(user, f"{phase} reply refused: {exc}")
-                    if not user.active:
-                        progress.pop(node)
-                    continue
-                user.failures = 0
-                if sub is None:  # the user has all results and answered with its metrics
-                    done[user] = dict(reply.content.metric_records.get(P.METRICS, {}))
-                    progress.pop(node)
-                else:
-                    batch.append((user, sub))
-            if batch:
-                t0 = time.perf_counter()
-                with torch.no_grad():
-                    device = next(self.classifier.parameters()).device
-                    logits = self.classifier(torch.cat([s.xhat for _, s in batch]).to(device)).cpu()
-                start = 0
-                for user, sub in batch:
-                    part = logits[start:start + len(sub.ids)]
-                    start += len(sub.ids)
-                    if phase == "val":
-                        ce = torch.nn.functional.cross_entropy(part, self.train_labels[sub.ids], reduction="none")
-                        results[user.node_id] = {"ce": ce.float()}
-                    else:
-                        # only right/wrong goes back: the user needs no labels to know its accuracy
-                        results[user.node_id] = {"correct": (part.argmax(1) == self.test_labels[sub.ids]).to(torch.uint8)}
-                    progress[user.node_id] += 1
-                self.timing["provider_compute"] += time.perf_counter() - t0
-        return done
+            self.aggregate_evaluate(server_round, replies.values())
+        return self._eval["done"]
 
-    def summary(self, wall: float) -> dict:
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+                           ) -> list[Message]:
+        """One evaluation chunk per user still evaluating: ψ's results for its last chunk, and the next chunk wanted."""
+        phase, chunk, state = str(config["phase"]), self.cfg.eval_chunk, self._eval
+        messages = []
+        for node, k in state["progress"].items():
+            user = self.users[node]
+            n_chunks = math.ceil(len(user.ids[phase]) / chunk)
+            control = {"phase": phase, "want": k if k < n_chunks else P.NONE, "result-chunk": k - 1}
+            messages.append(self._message(user, P.EVAL, control, **{P.RESULT: state["results"][node]}))
+        return messages
+
+    def aggregate_evaluate(self, server_round: int, replies) -> MetricRecord | None:
+        """Check each user's chunk, run ψ once over all of them; a user that has every result answers with its
+        metrics (returned as ``user-K/<metric>`` once the user is done)."""
+        state, chunk = self._eval, self.cfg.eval_chunk
+        phase, progress, results = state["phase"], state["progress"], state["results"]
+        by_node = {r.metadata.src_node_id: r for r in replies}
+        batch, finished = [], {}
+        for node in list(progress):
+            user = self.users[node]
+            reply = by_node.get(node)
+            if not self._reply_ok(user, reply):
+                if not user.active:
+                    progress.pop(node)
+                continue
+            try:
+                sub = P.validate_submission(reply, user.ids[phase], self.image_shape, chunk)
+            except P.ProtocolError as exc:
+                self._fail(user, f"{phase} reply refused: {exc}")
+                if not user.active:
+                    progress.pop(node)
+                continue
+            user.failures = 0
+            if sub is None:  # the user has all results and answered with its metrics
+                finished[user] = state["done"][user] = dict(reply.content.metric_records.get(P.METRICS, {}))
+                progress.pop(node)
+            else:
+                batch.append((user, sub))
+        if batch:
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                device = next(self.classifier.parameters()).device
+                logits = self.classifier(torch.cat([s.xhat for _, s in batch]).to(device)).cpu()
+            start = 0
+            for user, sub in batch:
+                part = logits[start:start + len(sub.ids)]
+                start += len(sub.ids)
+                if phase == "val":
+                    ce = torch.nn.functional.cross_entropy(part, self.train_labels[sub.ids], reduction="none")
+                    results[user.node_id] = {"ce": ce.float()}
+                else:
+                    # only right/wrong goes back: the user needs no labels to know its accuracy
+                    results[user.node_id] = {"correct": (part.argmax(1) == self.test_labels[sub.ids]).to(torch.uint8)}
+                progress[user.node_id] += 1
+            self.timing["provider_compute"] += time.perf_counter() - t0
+        return MetricRecord(self._per_user(finished)) if finished else None
+
+    def run_summary(self, wall: float) -> dict:
+        """What run.json holds: config, timing, rounds and every user's curves, drops, rejoins and results."""
         t = self.timing
         return {
             "config": self.cfg.to_run_config(),
