@@ -2,6 +2,7 @@
 
     python benchmarks/bench_scale.py steps --out benchmarks/results_scale_cpu2.json
     python benchmarks/bench_scale.py users --users 8 16 32 64 --out benchmarks/results_users_cpu2.json
+    python benchmarks/bench_scale.py overhead --batch-size 16 --steps 30 --out benchmarks/results_overhead_cpu2.json
     benchmarks/gpu_check.sh        # = bench_scale.py gpu, on one GPU (≤ 8 min on an H100)
 
 ``steps``: per-step time of whole ``flower-simulation`` runs, = (wall(N2 steps) − wall(N1 steps)) / (N2 − N1),
@@ -220,6 +221,22 @@ def users_main(args) -> dict:
             "unet_base": args.unet_base, "batch": args.batch_size, "steps": args.steps, "runs": rows}
 
 
+def overhead_main(args) -> dict:
+    """Per-round overhead (round − user compute − provider compute) at U-Net widths 64 and 16, same batch: does the
+    cost of a step beyond its compute still depend on h_θ's size? Long runs, interleaved, median of all rounds."""
+    rows = {64: [], 16: []}
+    for _ in range(args.repeats):
+        for width in rows:
+            r = sim_run(args, 1, width, args.batch_size, args.steps)
+            rows[width].append(r["median_overhead_s"])
+    out = {"what": overhead_main.__doc__.split(":")[0], "batch": args.batch_size, "steps": args.steps,
+           "median_overhead_s": {w: statistics.median(v) for w, v in rows.items()}, "runs": rows}
+    out["ratio_64_to_16"] = out["median_overhead_s"][64] / out["median_overhead_s"][16]
+    print(f"overhead per round: width 64 {out['median_overhead_s'][64] * 1000:.1f} ms, width 16 "
+          f"{out['median_overhead_s'][16] * 1000:.1f} ms (ratio {out['ratio_64_to_16']:.2f})", flush=True)
+    return out
+
+
 def gpu_main(args) -> dict:
     """benchmarks/gpu_check.sh: the paper's width on one GPU (or, with --dry, a tiny CPU rehearsal of the same)."""
     width, batch, device = (8, 8, "cpu") if args.dry else (64, 128, "cuda")
@@ -278,7 +295,7 @@ def plot_users(result: dict, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["steps", "users", "reference", "plot", "gpu"])
+    ap.add_argument("what", choices=["steps", "users", "overhead", "reference", "plot", "gpu"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dry", action="store_true", help="gpu: rehearse on CPU at tiny sizes")
     ap.add_argument("--classifier", default="")
@@ -306,7 +323,7 @@ def main() -> None:
         save_atomic(classifier_blob(ResNet20(), "resnet20", 10), args.classifier)
     import torch
 
-    result = {"steps": steps_main, "users": users_main, "gpu": gpu_main}[args.what](args)
+    result = {"steps": steps_main, "users": users_main, "overhead": overhead_main, "gpu": gpu_main}[args.what](args)
     result["machine"] = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
                          f"{torch.__version__}, {'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'}")
     if args.out:

@@ -194,7 +194,9 @@ def reproduce(
 def deploy_local_cmd(
     users: int = typer.Option(2, "--users", help="Number of users, each a real SuperNode process."),
     run_config: str = typer.Option("", "--run-config",
-                                   help='App run config, e.g. "classifier=runs/classifier/best.pt epochs=1".'),
+                                   help='App run config in Flower\'s grammar (strings quoted), e.g. '
+                                        '\'classifier="runs/classifier/best.pt" epochs=1\'; keys: pyproject.toml '
+                                        '[tool.flwr.app.config].'),
     workdir: Path = typer.Option(Path("runs/deploy-local"), "--workdir",
                                  help="Certificates, process logs, the provider's run.json and each user's outputs."),
     insecure: bool = typer.Option(False, "--insecure", help="No TLS, no SuperNode authentication (debugging only)."),
@@ -202,11 +204,15 @@ def deploy_local_cmd(
 ):
     """Flower's Deployment Engine on loopback: SuperLink + N SuperNodes as separate processes, TLS and node
     authentication on, `flwr run` with the run config; results collected, every process stopped at the end."""
-    from pp_flower.config import AppConfig, parse_run_config
+    from pp_flower.config import PATH_KEYS, AppConfig, parse_run_config
     from sims.deploy_local import deploy_local
     from strategies.provider import preflight
 
+    if users < 1:
+        raise PPFlowerError(f"--users must be at least 1, got {users}.")
     overrides = parse_run_config(run_config)
+    # paths are the caller's: the ServerApp runs from Flower's installed copy of the app, elsewhere
+    overrides.update({k: str(Path(v).expanduser().resolve()) for k, v in overrides.items() if k in PATH_KEYS and v})
     cfg = AppConfig.from_run_config(overrides)
     preflight(cfg)
     result = deploy_local(users, workdir, overrides, secure=not insecure, log=console.print, timeout=timeout,

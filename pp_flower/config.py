@@ -11,6 +11,9 @@ from typing import Any, Mapping
 from pp_flower.errors import PPFlowerError
 
 
+PATH_KEYS = ("classifier", "data-dir", "vgg-weights", "run-dir")  # resolved against the caller's directory
+
+
 @dataclass
 class AppConfig:
     # --- the paper's h_θ training (Sec. III-C) ---
@@ -59,9 +62,14 @@ class AppConfig:
             if name not in known:
                 raise PPFlowerError(f"Unknown run-config key '{key}'. Known keys: {', '.join(cls.keys())}.")
             typ = type(known[name].default)
+            if typ is bool:
+                if isinstance(value, str) and value.lower() in ("true", "false"):
+                    value = value.lower() == "true"
+                if not isinstance(value, bool):
+                    raise PPFlowerError(f"Run-config key '{key}' must be true or false, got {value!r}.")
+            elif typ is int and (isinstance(value, bool) or (isinstance(value, float) and not value.is_integer())):
+                raise PPFlowerError(f"Run-config key '{key}' must be a whole number, got {value!r}.")
             try:
-                if typ is bool and isinstance(value, str):
-                    value = value.lower() in ("1", "true", "yes", "on")
                 values[name] = typ(value)
             except (TypeError, ValueError) as exc:
                 raise PPFlowerError(f"Run-config key '{key}' must be {typ.__name__}, got {value!r}.") from exc
@@ -69,15 +77,34 @@ class AppConfig:
         cfg.check()
         return cfg
 
+    # (key, lowest allowed, highest allowed or None)
+    RANGES = (("alpha", 0.0, None), ("epochs", 1, None), ("batch_size", 1, None), ("lr", 1e-12, None),
+              ("momentum", 0.0, 0.999999), ("weight_decay", 0.0, None), ("unet_base", 4, None), ("unet_depth", 1, 6),
+              ("feature_layer", 1, 16), ("seed", 0, None), ("limit_train", 0, None), ("limit_eval", 0, None),
+              ("eval_chunk", 1, None), ("provider_microbatch", -1, None), ("aggregate_every", 1, None),
+              ("step_timeout", 0.001, None), ("max_failures", 1, None), ("min_users", 0, None),
+              ("wait_for_users", 0.0, None), ("checkpoint_every", 0, None), ("num_threads", 0, None))
+
     def check(self) -> None:
+        """Every key's range in one place; an error names the key and what it may be."""
+        for name, low, high in self.RANGES:
+            value = getattr(self, name)
+            if value < low or (high is not None and value > high):
+                allowed = f"≥ {low:g}" if high is None else f"between {low:g} and {high:g}"
+                if name == "lr":
+                    allowed = "> 0"
+                raise PPFlowerError(f"Run-config key '{name.replace('_', '-')}' must be {allowed}, got {value!r}.")
+        for name in ("user_device", "provider_device"):
+            device = getattr(self, name)
+            if device not in ("auto", "cpu") and not (device == "cuda" or device.startswith("cuda:")):
+                raise PPFlowerError(f"Run-config key '{name.replace('_', '-')}' must be auto, cpu, cuda or cuda:N, "
+                                    f"got {device!r}.")
         if self.partition not in ("iid", "full"):
             raise PPFlowerError(f"partition must be 'iid' or 'full', got '{self.partition}'.")
         if self.aggregate not in ("none", "fedavg"):
             raise PPFlowerError(f"aggregate must be 'none' or 'fedavg', got '{self.aggregate}'.")
         if self.keep_graph not in ("auto", "keep", "recompute"):
             raise PPFlowerError(f"keep-graph must be 'auto', 'keep' or 'recompute', got '{self.keep_graph}'.")
-        if self.batch_size < 1 or self.epochs < 1 or self.eval_chunk < 1:
-            raise PPFlowerError("batch-size, epochs and eval-chunk must be positive.")
 
     def to_run_config(self) -> dict[str, Any]:
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}
@@ -88,11 +115,31 @@ class AppConfig:
 
 
 def parse_run_config(text: str) -> dict[str, Any]:
-    """``"alpha=0.005 epochs=1"`` → ``{"alpha": "0.005", "epochs": "1"}`` (values typed later by AppConfig)."""
-    out = {}
-    for item in text.split():
-        if "=" not in item:
-            raise PPFlowerError(f"Run-config item '{item}' is not key=value.")
-        key, value = item.split("=", 1)
-        out[key.strip()] = value.strip().strip('"')
-    return out
+    """Flower's own ``--run-config`` grammar (what ``flwr run . --run-config`` accepts): ``key=value`` pairs with
+    TOML values (strings quoted: ``classifier="runs/c/best.pt" alpha=0.005 augment=false``), or one ``.toml`` file."""
+    import click
+    from flwr.common.config import parse_config_args
+
+    text = text.strip()
+    if not text:
+        return {}
+    try:
+        return dict(parse_config_args([text]))
+    except (click.ClickException, ValueError, OSError) as exc:
+        message = exc.format_message() if isinstance(exc, click.ClickException) else str(exc)
+        raise PPFlowerError(f"--run-config {text!r}: {message} Strings must be quoted, e.g. "
+                            'classifier="runs/classifier/best.pt".') from None
+
+
+def format_run_config(values: Mapping[str, Any]) -> str:
+    """The ``--run-config`` text for ``values`` in Flower's grammar (strings quoted), for commands we start."""
+    import json
+
+    def toml(value: Any) -> str:
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, (int, float)):
+            return repr(value)
+        return json.dumps(str(value))
+
+    return " ".join(f"{k}={toml(v)}" for k, v in values.items())

@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pp_flower.config import format_run_config
 from pp_flower.errors import PPFlowerError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -297,7 +298,7 @@ class LocalDeployment:
         import queue
         import threading
 
-        rc = " ".join(f"{k}={_toml(v)}" for k, v in run_config.items())
+        rc = format_run_config(run_config)
         argv = [_bin("flwr"), "run", ".", CONNECTION, "--stream", "--run-config", rc]
         logfile = self.workdir / "flwr-run.log"
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env,
@@ -390,14 +391,6 @@ def _signal(pid: int, sig: int) -> None:
         os.kill(pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-def _toml(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(str(value))
 
 
 # ------------------------------------------------------------------------------------------ the command

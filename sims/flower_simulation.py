@@ -124,7 +124,9 @@ def load_app(spec: str):
 def cli(
     app: str = typer.Option("sims.main", "--app", help="Module with server_app and client_app."),
     num_supernodes: int = typer.Option(2, "--num-supernodes", help="Number of simulated users."),
-    run_config: str = typer.Option("", "--run-config", help='Overrides, e.g. "alpha=0.005 epochs=1".'),
+    run_config: str = typer.Option("", "--run-config", help='Overrides in Flower\'s grammar (strings quoted), e.g. '
+                                   '\'classifier="runs/classifier/best.pt" alpha=0.005\', or a .toml file; keys and '
+                                   'defaults: pyproject.toml [tool.flwr.app.config] (README).'),
     num_cpus: float = typer.Option(1.0, "--num-cpus", help="CPU cores reserved per user (Ray resources)."),
     num_gpus: float = typer.Option(0.0, "--num-gpus", help="GPU fraction per user, e.g. 0.25."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS",
@@ -134,6 +136,8 @@ def cli(
     """Run the pp-flower app (or any Flower app module) on Flower's simulation engine."""
     from pp_flower.config import AppConfig, parse_run_config
 
+    if num_supernodes < 1:
+        raise PPFlowerError(f"--num-supernodes must be at least 1, got {num_supernodes}.")
     overrides = parse_run_config(run_config)
     cfg = AppConfig.from_run_config(overrides)
     server_app, client_app = load_app(app)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from pp_flower.config import format_run_config
 from pp_flower.errors import PPFlowerError
 
 ALPHAS = (0.0, 0.001, 0.005, 0.01, 0.05, 0.1)
@@ -174,21 +175,21 @@ class Reproduction:
 
     def transform(self, arch: str, alpha: float, classifier: Path) -> Path:
         run_dir = self.work / f"transform-{arch}-a{alpha:g}"
-        run_config = {**self.preset.transform, "alpha": alpha, "classifier": str(classifier / "best.pt"),
-                      "run-dir": str(run_dir), "limit-eval": self.preset.limit_eval,
+        run_config = {**self.preset.transform, "alpha": alpha, "classifier": str((classifier / "best.pt").resolve()),
+                      "run-dir": str(run_dir.resolve()), "limit-eval": self.preset.limit_eval,
                       "num-threads": max(1, (os.cpu_count() or 2) // max(1, self.preset.users)),
                       "provider-device": self.device, "user-device": self.device}
         if self.data_dir:
-            run_config["data-dir"] = str(self.data_dir)
+            run_config["data-dir"] = str(Path(self.data_dir).resolve())
         if self.vgg_weights:
-            run_config["vgg-weights"] = str(self.vgg_weights)
-        rc = " ".join(f"{k}={v}" for k, v in run_config.items())
+            run_config["vgg-weights"] = str(Path(self.vgg_weights).resolve())
+        rc = format_run_config(run_config)
         gpus = 1.0 / self.preset.users if self.device.startswith("cuda") else 0.0
         argv = [sys.executable, "-m", "sims.flower_simulation", "--app", "sims.main", "--num-supernodes",
                 str(self.preset.users), "--num-gpus", str(gpus), "--run-config", rc]
 
         def run() -> None:
-            result = subprocess.run(argv, cwd=Path(__file__).resolve().parent.parent)
+            result = subprocess.run(argv)  # every path above is absolute: the caller's directory does not matter
             if result.returncode != 0:
                 raise PPFlowerError(f"The Flower simulation for α={alpha:g} failed (exit {result.returncode}).")
 

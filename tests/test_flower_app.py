@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pp_flower.checkpoints import load_classifier, load_transform_net
-from pp_flower.config import AppConfig
+from pp_flower.config import AppConfig, format_run_config
 from pp_flower.features import load_feature_net
 from pp_flower.reference import train_in_process
 from sims.flower_simulation import simulate
@@ -158,7 +158,7 @@ def _flower_simulation(*args, timeout=600):
 
 
 def test_flower_simulation_cli_writes_outputs(tmp_path, classifier_ckpt):
-    rc = " ".join(f"{k}={v}" for k, v in {**TINY, "classifier": classifier_ckpt, "run-dir": tmp_path / "cli"}.items())
+    rc = format_run_config({**TINY, "classifier": str(classifier_ckpt), "run-dir": str(tmp_path / "cli")})
     proc = _flower_simulation("--app", "sims.main", "--num-supernodes", "2", "--run-config", rc)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "user 1: test accuracy" in proc.stdout
@@ -170,7 +170,7 @@ def test_flower_simulation_cli_writes_outputs(tmp_path, classifier_ckpt):
 
 
 def test_missing_classifier_is_a_clear_error_before_any_round(tmp_path):
-    proc = _flower_simulation("--run-config", f"classifier={tmp_path}/none.pt run-dir={tmp_path}/r", timeout=120)
+    proc = _flower_simulation("--run-config", f'classifier="{tmp_path}/none.pt" run-dir="{tmp_path}/r"', timeout=120)
     assert proc.returncode == 2
     assert "ψ checkpoint" in proc.stderr and "not found" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "r").exists()
@@ -216,7 +216,7 @@ def test_flwr_run_dot_runs_the_same_app(tmp_path, classifier_ckpt):
     env = {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     values = {**TINY, "classifier": str(classifier_ckpt), "run-dir": str(tmp_path / "run")}
-    rc = " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}" for k, v in values.items())
+    rc = format_run_config(values)
     try:
         proc = subprocess.run(["flwr", "run", ".", "--run-config", rc, "--stream"], cwd=root, env=env,
                               capture_output=True, text=True, timeout=400)
@@ -226,3 +226,53 @@ def test_flwr_run_dot_runs_the_same_app(tmp_path, classifier_ckpt):
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert [u["steps_applied"] for u in run["users"]] == [2, 2]  # 2 simulated SuperNodes, 24 images = 2 batches each
     assert all((tmp_path / "run" / f"user-{k}" / "metrics.json").exists() for k in (0, 1))
+
+
+def test_every_readme_run_config_example_parses_with_flowers_own_parser():
+    """One grammar: each --run-config text in README.md and docs/ is what `flwr run . --run-config` accepts, and
+    names only keys the app knows."""
+    import re
+    from pathlib import Path
+
+    from flwr.common.config import parse_config_args
+
+    root = Path(__file__).resolve().parents[1]
+    found = 0
+    for doc in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        text = doc.read_text().replace("\\\n", " ")
+        for quote, body in re.findall(r"--run-config\s+(['\"])(.*?)\1", text, flags=re.S):
+            values = parse_config_args([" ".join(body.split())])
+            assert values, (doc.name, body)
+            AppConfig.from_run_config({k: v for k, v in values.items()})
+            found += 1
+    assert found >= 5, found
+
+
+def test_run_config_text_needs_quoted_strings_and_gets_a_clear_error():
+    from pp_flower.config import parse_run_config
+    from pp_flower.errors import PPFlowerError
+
+    assert parse_run_config('classifier="runs/c/best.pt" alpha=0.005 augment=false') == {
+        "classifier": "runs/c/best.pt", "alpha": 0.005, "augment": False}
+    with pytest.raises(PPFlowerError, match='Strings must be quoted'):
+        parse_run_config("classifier=runs/c/best.pt")
+
+
+@pytest.mark.parametrize("key, value, says", [
+    ("alpha", -1, "'alpha' must be ≥ 0"), ("unet-base", 3, "'unet-base' must be ≥ 4"),
+    ("augment", "maybe", "'augment' must be true or false"), ("lr", -5, "'lr' must be > 0"),
+    ("epochs", 0, "'epochs' must be ≥ 1"), ("epochs", 1.5, "'epochs' must be a whole number"),
+    ("user-device", "gpu", "'user-device' must be auto, cpu, cuda or cuda:N"),
+    ("keep-graph", "sometimes", "keep-graph must be 'auto', 'keep' or 'recompute'"),
+])
+def test_out_of_range_run_config_is_one_clear_line(key, value, says):
+    from pp_flower.errors import PPFlowerError
+
+    with pytest.raises(PPFlowerError, match=says):
+        AppConfig.from_run_config({key: value})
+
+
+def test_zero_users_is_refused_at_once(tmp_path):
+    proc = _flower_simulation("--num-supernodes", "0", "--run-config", f'run-dir="{tmp_path}/r"', timeout=120)
+    assert proc.returncode == 2 and "--num-supernodes must be at least 1" in proc.stderr
+    assert "Traceback" not in proc.stderr

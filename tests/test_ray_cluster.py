@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from sims.deploy_local import free_port
+from pp_flower.config import format_run_config
 from tests.test_flower_app import TINY
 
 BIN = Path(sys.executable).parent
@@ -35,8 +36,7 @@ def test_simulation_runs_on_a_separately_started_ray_head(tmp_path, classifier_c
             assert time.time() < deadline, "the Ray head did not come up"
             time.sleep(1)
         run_dir = tmp_path / "run"
-        rc = " ".join(f"{k}={v}" for k, v in {**TINY, "classifier": classifier_ckpt, "run-dir": run_dir,
-                                              "epochs": 1}.items())
+        rc = format_run_config({**TINY, "classifier": str(classifier_ckpt), "run-dir": str(run_dir), "epochs": 1})
         sim = subprocess.Popen([sys.executable, "-m", "sims.flower_simulation", "--num-supernodes", "2",
                                 "--ray-address", f"127.0.0.1:{port}", "--run-config", rc], env=env,
                                cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
