@@ -34,26 +34,10 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("PPFLOWER_QUIET", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
+from sims.deploy_local import descendants  # noqa: E402  (a process and everything below it, from /proc)
+
 
 # ------------------------------------------------------------------------------------------- memory
-
-
-def _tree(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(children.get(pid, []))
-    return out
 
 
 def _memory(pids: list[int]) -> tuple[int, int]:
@@ -79,7 +63,7 @@ def run_watched(cmd: list[str], env: dict | None = None) -> dict:
 
     def watch():
         while proc.poll() is None:
-            pids = _tree(proc.pid)
+            pids = descendants(proc.pid)
             rss, pss = _memory(pids)
             if rss > peak["rss"]:
                 peak.update(rss=rss, processes=len(pids))
