@@ -97,6 +97,15 @@ def bench_deployment(args, classifier: str, mode: str) -> dict:
     return result
 
 
+def _portable(value) -> str:
+    """An argument for the results file: paths relative to the repo, a file outside it by its name only."""
+    text = str(value)
+    if os.path.isabs(text):
+        root = str(Path(__file__).resolve().parents[1])
+        return os.path.relpath(text, root) if text.startswith(root + os.sep) else Path(text).name
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--classifier", required=True, help="ψ checkpoint (speed does not depend on its weights)")
@@ -130,7 +139,7 @@ def main() -> None:
         args.out.write_text(json.dumps({
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
                        f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}",
-            "torch": torch.__version__, "flwr": flwr.__version__, "args": {k: str(v) for k, v in vars(args).items()},
+            "torch": torch.__version__, "flwr": flwr.__version__, "args": {k: _portable(v) for k, v in vars(args).items()},
             "results": results}, indent=2))
 
 
