@@ -150,7 +150,7 @@ class Reproduction:
             entry["attempts"] += 1
             entry["finished"] = done.exists()
             if command:
-                entry["command"] = command
+                entry["command"] = portable(command)
             self.stages_file.write_text(json.dumps(self.stages, indent=2))
         if not done.exists():
             raise PPFlowerError(f"Stage {name} ended without writing {done}.")
@@ -293,7 +293,7 @@ class Reproduction:
         meta = {"preset": asdict(p), "command": " ".join(["ppflower", "reproduce", "--preset", p.name]),
                 "commit": _git_commit(), "machine": _machine(), "device": self.device,
                 "wall_seconds_all_stages": round(total_wall, 1), "wall_seconds_this_invocation": round(wall, 1),
-                "stages": self.stages, "data": str(self.data_dir or "torchvision CIFAR-10")}
+                "stages": self.stages, "data": portable(str(self.data_dir or "torchvision CIFAR-10"))}
         (self.out / "table1.json").write_text(json.dumps({"meta": meta, "rows": table}, indent=2))
         (self.out / "table1.md").write_text(_markdown(table, p, meta))
         self.log(f"Table I → {self.out / 'table1.md'}")
@@ -312,22 +312,23 @@ class Reproduction:
 
     def copy_stage_outputs(self, columns: dict, attacks: dict[str, Path]) -> None:
         """The small per-stage JSON files next to the table, so every cell can be traced to its source."""
-        import shutil
+        def copy(src: Path, dest: Path) -> None:  # with this machine's paths made relative to the repo
+            dest.write_text(portable(src.read_text()))
 
         for d in sorted(self.work.glob("psi-*")) + sorted(self.work.glob("gan")):
             if (d / "metrics.json").exists():
-                shutil.copy(d / "metrics.json", self.out / f"{d.name}.json")
+                copy(d / "metrics.json", self.out / f"{d.name}.json")
         for d in sorted(self.work.glob("transform-*")):
             if not (d / "run.json").exists():  # a stage still running (or interrupted): nothing to copy yet
                 continue
             dest = self.out / d.name
             dest.mkdir(exist_ok=True)
-            shutil.copy(d / "run.json", dest / "run.json")
+            copy(d / "run.json", dest / "run.json")
             for user in sorted(d.glob("user-*")):
-                shutil.copy(user / "metrics.json", dest / f"{user.name}.json")
+                copy(user / "metrics.json", dest / f"{user.name}.json")
         (self.out / "attack").mkdir(exist_ok=True)
         for row, path in attacks.items():
-            shutil.copy(path / "attack.json", self.out / "attack" / f"{row}.json")
+            copy(path / "attack.json", self.out / "attack" / f"{row}.json")
 
     @torch.no_grad()
     def figures(self, transforms: dict[str, Path], attacks: dict[str, Path]) -> None:
@@ -414,6 +415,15 @@ def _markdown(table: list[dict], p: Preset, meta: dict) -> str:
               f"(per stage in `stages.json`)",
               f"- Data: {meta['data']}", ""]
     return "\n".join(lines)
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def portable(text: str) -> str:
+    """``text`` with this checkout's absolute paths made relative to the repo (its parent as ``..``): results
+    carry provenance, not one machine's directory layout."""
+    return text.replace(f"{REPO}{os.sep}", "").replace(f"{REPO.parent}{os.sep}", f"..{os.sep}")
 
 
 def _git_commit() -> str:

@@ -31,6 +31,11 @@ def test_smoke_preset_table_is_measured_and_resumable(tmp_path, data_dir, vgg_we
     assert "Deviations from the paper" in table and f"| {rows['pixel']['resnet20']['measured']:.2f} |" in table
     for fig in ("fig5_alpha.png", "fig6_attack.png", "fig7_psnr_boxplot.png"):
         assert (out / fig).stat().st_size > 10_000
+    # provenance names the data and weights relative to the repo, not by this machine's directories
+    from sims.reproduce import REPO
+
+    for path in [*out.glob("*.json"), *out.glob("*/*.json"), out / "table1.md"]:
+        assert f"{REPO.parent}/" not in path.read_text(), path
     stages = json.loads((out / "stages.json").read_text())
     assert all(s["finished"] and s["attempts"] == 1 for s in stages.values()) and len(stages) == 14
     # a second run finds every stage done and only rewrites the report
