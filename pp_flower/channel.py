@@ -55,14 +55,15 @@ class TrainerServer:
             os.umask(old)
         self.lock = threading.Lock()
         self.refused = 0
+        self.closed = False
 
     def serve_forever(self) -> None:
         while True:
             try:
                 conn = self.listener.accept()
             except (AuthenticationError, EOFError, ConnectionError, OSError) as exc:
-                if isinstance(exc, OSError) and not isinstance(exc, ConnectionError) and self.listener._listener is None:
-                    return  # closed
+                if self.closed:
+                    return
                 self.refused += 1
                 log.warning("trainer channel: refused a connection (%s)", exc.__class__.__name__)
                 continue
@@ -94,6 +95,7 @@ class TrainerServer:
                 pass
 
     def close(self) -> None:
+        self.closed = True
         self.listener.close()
 
 
