@@ -9,7 +9,6 @@ batches it would have seen.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,33 +16,23 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pp_flower.checkpoints import classifier_blob, load_checkpoint, save_atomic
+from pp_flower.checkpoints import FORMAT_VERSION, classifier_blob, save_atomic
 from pp_flower.data import ImageSet, Splits, augment, to_float
-from pp_flower.losses import lr_at
 from pp_flower.errors import PPFlowerError
 from pp_flower.models import build_classifier
 from pp_flower.progress import track
+from pp_flower.seeds import derive_seed
+from pp_flower.training import Job, SGDRecipe, fit
 
 
 @dataclass
-class ClassifierConfig:
+class ClassifierConfig(SGDRecipe):
     arch: str = "resnet20"
-    epochs: int = 200
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    seed: int = 0
     augment: bool = True
     baseline: str = ""  # "" (plain images), "tanaka", "pixel", "pixel-per-image" or "gan": ψ on protected images
     key: int = 0        # the baseline's key
     transform: str = ""  # baseline "gan": the GAN generator's transform_net checkpoint
     checkpoint_every: int = 10  # steps between mid-epoch checkpoints (resume points)
-
-
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    return list(torch.split(perm, batch_size))
 
 
 @torch.no_grad()
@@ -124,72 +113,41 @@ def train_classifier(splits: Splits, out_dir: str | Path, cfg: ClassifierConfig,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     num_classes = len(splits.train.classes)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(derive_seed(cfg.seed, "classifier-init"))
     model = build_model(cfg, num_classes).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    state = {"epoch": 0, "step": 0, "history": [], "best_val_loss": float("inf"), "train_loss_sum": 0.0,
-             "train_seen": 0}
-    last = out / "last.pt"
-    if last.exists():
-        blob = load_checkpoint(last, "classifier")
-        if blob["arch"] != cfg.arch or blob["config"] != asdict(cfg):
-            raise PPFlowerError(
-                f"{last} was written with a different configuration ({blob['config']}); "
-                "use another --out directory or delete it to start afresh."
-            )
-        model.load_state_dict(blob["state_dict"])
-        opt.load_state_dict(blob["optimizer"])
-        state = blob["progress"]
-        log(f"Resuming from {last}: epoch {state['epoch'] + 1}, step {state['step']}")
+    opt = cfg.optimizer(model)
+    header = dict(arch=cfg.arch, num_classes=num_classes, baseline=cfg.baseline, key=cfg.key,
+                  classes=list(splits.train.classes))
 
-    def checkpoint() -> None:
-        save_atomic(classifier_blob(model, cfg.arch, num_classes, baseline=cfg.baseline, key=cfg.key,
-                                    optimizer=opt.state_dict(), progress=state,
-                                    config=asdict(cfg), classes=list(splits.train.classes)), last)
+    def step(idx: torch.Tensor, g: torch.Generator) -> dict[str, float]:
+        x = model_input(splits.train.images[idx], splits.train_ids[idx], cfg, g if cfg.augment else None)
+        loss = F.cross_entropy(model(x.to(device)), splits.train.labels[idx].to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return {"train_loss": loss.item()}
 
-    started = time.time()
-    while state["epoch"] < cfg.epochs:
-        epoch = state["epoch"]
-        for group in opt.param_groups:
-            group["lr"] = lr_at(epoch, cfg.epochs, cfg.lr)
-        batches = epoch_batches(len(splits.train), cfg.batch_size, cfg.seed, epoch)
-        model.train()
-        steps = range(state["step"], len(batches))
-        for step in track(steps, f"ψ epoch {epoch + 1}/{cfg.epochs}", total=len(steps)):
-            idx = batches[step]
-            generator = torch.Generator().manual_seed(hash((cfg.seed, epoch, step)) & 0xFFFFFFFF)
-            x = model_input(splits.train.images[idx], splits.train_ids[idx], cfg, generator if cfg.augment else None)
-            x, y = x.to(device), splits.train.labels[idx].to(device)
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            state["train_loss_sum"] += loss.item() * len(idx)
-            state["train_seen"] += len(idx)
-            state["step"] = step + 1
-            if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
-                checkpoint()
+    def validate() -> dict[str, float]:
         val = evaluate(model, splits.val, device, desc="validation", cfg=cfg, ids=splits.val_ids)
-        record = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
-                  "train_loss": state["train_loss_sum"] / max(state["train_seen"], 1),
-                  "val_loss": val["loss"], "val_accuracy": val["accuracy"]}
-        state["history"].append(record)
-        log(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f}  val loss {val['loss']:.4f}  "
-            f"val acc {val['accuracy']:.4f}")
-        if val["loss"] < state["best_val_loss"]:
-            state["best_val_loss"] = val["loss"]
-            save_atomic(classifier_blob(model, cfg.arch, num_classes, baseline=cfg.baseline, key=cfg.key,
-                                        epoch=epoch + 1, val=val,
-                                        classes=list(splits.train.classes)), out / "best.pt")
-        state.update(epoch=epoch + 1, step=0, train_loss_sum=0.0, train_seen=0)
-        checkpoint()
+        return {"val_loss": val["loss"], "val_accuracy": val["accuracy"]}
+
+    def save_best(epoch: int, val: dict) -> None:
+        save_atomic(classifier_blob(model, cfg.arch, num_classes, baseline=cfg.baseline, key=cfg.key, epoch=epoch,
+                                    val=val, classes=list(splits.train.classes)), out / "best.pt")
+
+    job = Job(kind="classifier", config=asdict(cfg), modules={"state_dict": model}, optimizers={"optimizer": opt},
+              step=step, validate=validate, save_best=save_best, n_train=len(splits.train), epochs=cfg.epochs,
+              batch_size=cfg.batch_size, seed=cfg.seed, lr=cfg.lr_at,
+              checkpoint_every=cfg.checkpoint_every, header={"version": FORMAT_VERSION, **header}, desc="ψ")
+    state = fit(job, out, log=log)
 
     best, _ = _load_best(out / "best.pt", device)
     test = evaluate(best, splits.test, device, desc="test", cfg=cfg, ids=splits.test_ids + len(splits.train_all))
-    metrics = {"arch": cfg.arch, "baseline": cfg.baseline or "none", "key": cfg.key, "config": asdict(cfg), "test_accuracy": test["accuracy"], "test_loss": test["loss"],
-               "best_val_loss": state["best_val_loss"], "history": state["history"],
+    metrics = {"arch": cfg.arch, "baseline": cfg.baseline or "none", "key": cfg.key, "config": asdict(cfg),
+               "test_accuracy": test["accuracy"], "test_loss": test["loss"],
+               "best_val_loss": state["best_val_loss"], "best_epoch": state["best_epoch"], "history": state["history"],
                "n_train": len(splits.train), "n_val": len(splits.val), "n_test": len(splits.test),
-               "wall_seconds_this_session": time.time() - started, "checkpoint": str(out / "best.pt")}
+               "wall_seconds_this_session": state["wall_seconds_this_session"], "checkpoint": str(out / "best.pt")}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     log(f"test accuracy {test['accuracy']:.4f} (best.pt, {len(splits.test)} images) → {out / 'metrics.json'}")
     return metrics

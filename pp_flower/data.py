@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from pp_flower.errors import PPFlowerError
+from pp_flower.seeds import generator
 
 CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
@@ -198,6 +199,9 @@ def load_datasets(data_dir: str | os.PathLike | None = None) -> tuple[ImageSet, 
     train, test = load_image_folder(root / "train"), load_image_folder(root / "test")
     if train.classes != test.classes:
         raise PPFlowerError(f"{root}: train/ and test/ have different class folders. {DATA_HELP}")
+    if len(train.classes) < 2:
+        raise PPFlowerError(f"{root}: {len(train.classes)} class folder(s) ({', '.join(train.classes)}); a classifier "
+                            f"needs at least 2 classes. {DATA_HELP}")
     return train, test
 
 
@@ -207,7 +211,7 @@ def stratified_split(labels: torch.Tensor, val_fraction: float = 0.1, seed: int 
     Both index lists come in a seeded random order (not class order), so their first N entries are a
     random, roughly class-balanced subset — that is what ``limit_train`` / ``limit_eval`` take.
     """
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed, "split")
     train_idx, val_idx = [], []
     for c in torch.unique(labels):
         idx = torch.nonzero(labels == c).flatten()
@@ -228,7 +232,7 @@ def load_splits(data_dir=None, val_fraction: float = 0.1, seed: int = 0, limit_t
     """
     train_all, test_all = load_datasets(data_dir)
     tr, va = stratified_split(train_all.labels, val_fraction, seed)
-    te = torch.randperm(len(test_all), generator=torch.Generator().manual_seed(seed))
+    te = torch.randperm(len(test_all), generator=generator(seed, "test-order"))
     if limit_train:
         tr = tr[:limit_train]
     if limit_eval:
@@ -242,7 +246,7 @@ def user_shards(n_samples: int, num_users: int, partition: str = "iid", seed: in
         return [torch.arange(n_samples) for _ in range(num_users)]
     if partition != "iid":
         raise PPFlowerError(f"Unknown partition '{partition}' (expected 'iid' or 'full').")
-    perm = torch.randperm(n_samples, generator=torch.Generator().manual_seed(seed))
+    perm = torch.randperm(n_samples, generator=generator(seed, "shards"))
     return [torch.sort(s).values for s in torch.tensor_split(perm, num_users)]
 
 

@@ -17,11 +17,12 @@ from torch.nn import functional as F
 
 from pp_flower.data import augment, to_float
 from pp_flower.losses import class_loss, feature_loss, lr_at, transform_loss
+from pp_flower.seeds import derive_seed, generator
 
 
 def user_seed(seed: int, user_index: int) -> int:
     """Each user's own seed (h_θ's initialisation, batch order, augmentation)."""
-    return seed * 1_000 + user_index
+    return derive_seed(seed, "user", user_index)
 
 
 def init_transform_net(base: int, depth: int, seed: int, user_index: int):
@@ -45,7 +46,7 @@ def set_lr(opt: torch.optim.Optimizer, epoch: int, epochs: int, base_lr: float) 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The order in which a user visits its ``n`` training images in ``epoch``."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return torch.randperm(n, generator=generator(seed, "order", epoch))
 
 
 def train_batch(images: torch.Tensor, shard_ids: torch.Tensor, step: int, steps_per_epoch: int, batch_size: int,
@@ -56,7 +57,7 @@ def train_batch(images: torch.Tensor, shard_ids: torch.Tensor, step: int, steps_
     ids = shard_ids[order[k * batch_size:(k + 1) * batch_size]]
     batch = images[ids]
     if do_augment:
-        batch = augment(batch, torch.Generator().manual_seed(seed * 7_919 + step))
+        batch = augment(batch, generator(seed, "augment", step))
     return ids, to_float(batch)
 
 

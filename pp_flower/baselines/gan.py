@@ -12,14 +12,13 @@ learns to produce encryption-like images without anyone managing keys:
 Our reading of the paper's description: the target encryption (``target``) and λ are configurable and
 reported with the results. A keyed pixel-wise encryption differs from position to position, which
 convolutions alone cannot express, so G is a U-Net that also sees a learned positional map
-(:class:`~pp_flower.models.PositionalUNet`); the key ends up in G's weights, no key is needed at use time. Training is resumable at epoch boundaries (``last.pt``); the result is a
+(:class:`~pp_flower.models.PositionalUNet`); the key ends up in G's weights, no key is needed at use time. Training is resumable (``last.pt``, pp_flower.training); the result is a
 ``transform_net`` checkpoint, so ``ppflower attack --transform`` and ``protect`` take it like any h_θ.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,11 +26,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pp_flower.checkpoints import load_resume_point, save_atomic, transform_blob
+from pp_flower.checkpoints import save_atomic, transform_blob
 from pp_flower.data import Splits, augment, to_float
 from pp_flower.errors import PPFlowerError
 from pp_flower.models import PositionalUNet
-from pp_flower.progress import track
+from pp_flower.seeds import derive_seed
+from pp_flower.training import Job, fit
 
 
 @dataclass
@@ -81,59 +81,43 @@ def train_gan_transform(splits: Splits, out_dir: str | Path, cfg: GanConfig, dev
     """Train G (and D); write ``transform.pt`` (G as a transform_net checkpoint) and ``metrics.json``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if (out / "metrics.json").exists():
-        log(f"{out / 'metrics.json'} exists; skipping (delete it to retrain)")
-        return json.loads((out / "metrics.json").read_text())
-    torch.manual_seed(cfg.seed)
+    done = out / "metrics.json"
+    if done.exists() and json.loads(done.read_text()).get("config") == asdict(cfg):
+        log(f"{done} exists for this configuration; skipping (delete it to retrain)")
+        return json.loads(done.read_text())
+    torch.manual_seed(derive_seed(cfg.seed, "gan-init"))
     size = splits.train.images.shape[-1]
     generator = PositionalUNet(cfg.unet_base, cfg.unet_depth, cfg.pos_channels, size).to(device)
     discriminator = PatchDiscriminator().to(device)
     opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))
     encryption = target_encryption(cfg)
-    progress = {"epoch": 0, "history": []}
-    last = out / "last.pt"
-    if (blob := load_resume_point(last, "gan_state", asdict(cfg), "GAN")) is not None:
-        generator.load_state_dict(blob["generator"])
-        discriminator.load_state_dict(blob["discriminator"])
-        opt_g.load_state_dict(blob["opt_g"])
-        opt_d.load_state_dict(blob["opt_d"])
-        progress = blob["progress"]
-        log(f"Resuming the GAN from {last}: epoch {progress['epoch'] + 1}")
-
-    started = time.time()
     train = splits.train.images
-    while progress["epoch"] < cfg.epochs:
-        epoch = progress["epoch"]
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed * 10_007 + epoch))
-        sums = {"loss_d": 0.0, "loss_g_adv": 0.0, "loss_g_l1": 0.0}
-        batches = list(torch.split(order, cfg.batch_size))
-        generator.train(), discriminator.train()
-        for step, idx in enumerate(track(batches, f"GAN epoch {epoch + 1}/{cfg.epochs}")):
-            plain_u8 = augment(train[idx], torch.Generator().manual_seed(cfg.seed * 7_919 + epoch * 100_003 + step))
-            plain = to_float(plain_u8).to(device)
-            real = to_float(encryption.encrypt(plain_u8, splits.train_ids[idx])).to(device)
-            fake = generator(plain)
-            loss_d = _adv(discriminator(plain, real), True) + _adv(discriminator(plain, fake.detach()), False)
-            opt_d.zero_grad(set_to_none=True)
-            loss_d.backward()
-            opt_d.step()
-            adv, l1 = _adv(discriminator(plain, fake), True), F.l1_loss(fake, real)
-            opt_g.zero_grad(set_to_none=True)
-            (adv + cfg.l1_weight * l1).backward()
-            opt_g.step()
-            for k, v in zip(sums, (loss_d, adv, l1)):
-                sums[k] += v.item() / len(batches)
-        progress["history"].append({"epoch": epoch + 1, **sums})
-        log(f"GAN epoch {epoch + 1}: D {sums['loss_d']:.3f}  G adv {sums['loss_g_adv']:.3f}  L1 {sums['loss_g_l1']:.4f}")
-        progress["epoch"] = epoch + 1
-        save_atomic({"kind": "gan_state", "config": asdict(cfg), "generator": generator.state_dict(),
-                     "discriminator": discriminator.state_dict(), "opt_g": opt_g.state_dict(),
-                     "opt_d": opt_d.state_dict(), "progress": progress}, last)
+
+    def step(idx: torch.Tensor, g: torch.Generator) -> dict[str, float]:
+        plain_u8 = augment(train[idx], g)
+        plain = to_float(plain_u8).to(device)
+        real = to_float(encryption.encrypt(plain_u8, splits.train_ids[idx])).to(device)
+        fake = generator(plain)
+        loss_d = _adv(discriminator(plain, real), True) + _adv(discriminator(plain, fake.detach()), False)
+        opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        opt_d.step()
+        adv, l1 = _adv(discriminator(plain, fake), True), F.l1_loss(fake, real)
+        opt_g.zero_grad(set_to_none=True)
+        (adv + cfg.l1_weight * l1).backward()
+        opt_g.step()
+        return {"loss_d": loss_d.item(), "loss_g_adv": adv.item(), "loss_g_l1": l1.item()}
+
+    job = Job(kind="gan_state", config=asdict(cfg), modules={"generator": generator, "discriminator": discriminator},
+              optimizers={"opt_g": opt_g, "opt_d": opt_d}, step=step, validate=None, save_best=None,
+              n_train=len(train), epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, desc="GAN")
+    progress = fit(job, out, log=log)
 
     save_atomic(transform_blob(generator.cpu().eval(), baseline="gan", config=asdict(cfg)), out / "transform.pt")
     metrics = {"config": asdict(cfg), "history": progress["history"], "n_train": len(train),
-               "wall_seconds_this_session": time.time() - started, "transform": str(out / "transform.pt")}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+               "wall_seconds_this_session": progress["wall_seconds_this_session"],
+               "transform": str(out / "transform.pt")}
+    done.write_text(json.dumps(metrics, indent=2))
     log(f"GAN-based transformation → {out / 'transform.pt'}")
     return metrics
