@@ -20,27 +20,22 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pp_flower.checkpoints import load_checkpoint, load_resume_point, save_atomic
+from pp_flower.checkpoints import load_checkpoint, save_atomic
 from pp_flower.data import Splits, to_float
-from pp_flower.losses import lr_at
+from pp_flower.errors import PPFlowerError
 from pp_flower.metrics import psnr, ssim, summary
 from pp_flower.models import UNet
-from pp_flower.progress import track
+from pp_flower.seeds import derive_seed
+from pp_flower.training import Job, SGDRecipe, fit
 
 Target = Callable[[torch.Tensor], torch.Tensor]  # plain [0, 1] images → protected images
 
 
 @dataclass
-class AttackConfig:
-    epochs: int = 200
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+class AttackConfig(SGDRecipe):
     unet_base: int = 16
     unet_depth: int = 4
     perceptual: float = 0.0  # weight of the VGG16 relu2_2 feature loss (0 = the paper's MSE-only ITN)
-    seed: int = 0
     checkpoint_every: int = 20
 
 
@@ -71,79 +66,95 @@ def _val_loss(estimator: nn.Module, target: Target, images: torch.Tensor, device
 
 
 def train_attack(target: Target, splits: Splits, out_dir: str | Path, cfg: AttackConfig, device: str = "cpu",
-                 name: str = "target", log=print) -> dict:
-    """Train the inverse network on (target(x), x), keep the best on validation, evaluate on test."""
+                 name: str = "target", log=print, target_id: str | None = None, force: bool = False) -> dict:
+    """Train the inverse network on (target(x), x), keep the best on validation, evaluate on test.
+
+    Results are cached in ``out_dir`` under what produced them: ``target_id`` (e.g. the hash of h_θ's
+    checkpoint), the attack settings and the data sizes. A rerun with the same key reuses them; another key
+    is refused unless ``force``, which starts afresh — old numbers are never reported for a new target.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if (out / "attack.json").exists():
-        log(f"{out / 'attack.json'} exists; skipping (delete it to rerun)")
-        return json.loads((out / "attack.json").read_text())
-    torch.manual_seed(cfg.seed)
+    key = {"target": target_id or name, "attack": asdict(cfg), "n_train": len(splits.train),
+           "n_val": len(splits.val), "n_test": len(splits.test)}
+    if (cached := _cached(out, key, force, log)) is not None:
+        return cached
+    torch.manual_seed(derive_seed(cfg.seed, "attack-init"))
     in_channels = target(to_float(splits.train.images[:1]).to(device)).shape[1]  # e.g. 6 for Tanaka's encryption
     estimator = UNet(cfg.unet_base, cfg.unet_depth, in_channels=in_channels).to(device)
-    opt = torch.optim.SGD(estimator.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    opt = cfg.optimizer(estimator)
     phi = None
     if cfg.perceptual > 0:
         from pp_flower.features import load_feature_net
 
         phi = load_feature_net(None, device=device)
-    progress = {"epoch": 0, "step": 0, "best_val": float("inf"), "history": []}
-    last = out / "last.pt"
-    if (blob := load_resume_point(last, "attack_state", asdict(cfg), "attack")) is not None:
-        estimator.load_state_dict(blob["state_dict"])
-        opt.load_state_dict(blob["optimizer"])
-        progress = blob["progress"]
-        log(f"Resuming the attack on {name} from {last}: epoch {progress['epoch'] + 1}, step {progress['step']}")
-
-    def checkpoint() -> None:
-        save_atomic({"kind": "attack_state", "config": asdict(cfg), "state_dict": estimator.state_dict(),
-                     "optimizer": opt.state_dict(), "progress": progress}, last)
-
     train = splits.train.images
-    while progress["epoch"] < cfg.epochs:
-        epoch = progress["epoch"]
-        for group in opt.param_groups:
-            group["lr"] = lr_at(epoch, cfg.epochs, cfg.lr)
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed * 10_007 + epoch))
-        batches = list(torch.split(order, cfg.batch_size))
-        estimator.train()
-        steps = range(progress["step"], len(batches))
-        for step in track(steps, f"ITN on {name}, epoch {epoch + 1}/{cfg.epochs}", total=len(steps)):
-            g = torch.Generator().manual_seed(cfg.seed * 7_919 + epoch * 100_003 + step)
-            x = _flip(to_float(train[batches[step]]), g).to(device)
-            estimate = estimator(target(x))
-            loss = F.mse_loss(estimate, x)
-            if phi is not None:
-                with torch.no_grad():
-                    fx = phi(x)
-                loss = loss + cfg.perceptual * F.mse_loss(phi(estimate), fx)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            progress["step"] = step + 1
-            if cfg.checkpoint_every and progress["step"] % cfg.checkpoint_every == 0:
-                checkpoint()
-        val = _val_loss(estimator, target, splits.val.images, device)
-        progress["history"].append({"epoch": epoch + 1, "val_mse": val})
-        if val < progress["best_val"]:
-            progress["best_val"] = val
-            save_atomic({"kind": "inverse_net", "base": cfg.unet_base, "depth": cfg.unet_depth, "in_channels": in_channels,
-                         "state_dict": estimator.state_dict(), "target": name, "epoch": epoch + 1}, out / "best.pt")
-        log(f"ITN on {name}: epoch {epoch + 1} val MSE {val:.5f}")
-        progress.update(epoch=epoch + 1, step=0)
-        checkpoint()
 
-    best = load_checkpoint(out / "best.pt", "inverse_net")
-    estimator.load_state_dict(best["state_dict"])
+    def step(idx: torch.Tensor, g: torch.Generator) -> dict[str, float]:
+        x = _flip(to_float(train[idx]), g).to(device)
+        estimate = estimator(target(x))
+        loss = F.mse_loss(estimate, x)
+        if phi is not None:
+            with torch.no_grad():
+                fx = phi(x)
+            loss = loss + cfg.perceptual * F.mse_loss(phi(estimate), fx)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return {"train_loss": loss.item()}
+
+    def save_best(epoch: int, val: dict) -> None:
+        save_atomic({"kind": "inverse_net", "base": cfg.unet_base, "depth": cfg.unet_depth, "in_channels": in_channels,
+                     "state_dict": estimator.state_dict(), "target": name, "epoch": epoch}, out / "best.pt")
+
+    job = Job(kind="attack_state", config=key, modules={"state_dict": estimator},
+              optimizers={"optimizer": opt}, step=step,
+              validate=lambda: {"val_loss": _val_loss(estimator, target, splits.val.images, device)},
+              save_best=save_best, n_train=len(train), epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
+              lr=cfg.lr_at, checkpoint_every=cfg.checkpoint_every,
+              desc=f"ITN on {name}")
+    progress = fit(job, out, log=log)
+
+    estimator.load_state_dict(load_inverse_net(out / "best.pt").state_dict())
     result = evaluate_attack(estimator, target, splits.test.images, device)
-    result.update(target=name, config=asdict(cfg), history=progress["history"], n_train=len(train),
-                  n_val=len(splits.val), finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+    result.update(target=name, cache_key=key, config=asdict(cfg), history=progress["history"], best_epoch=progress["best_epoch"],
+                  n_train=len(train), n_val=len(splits.val), finished=time.strftime("%Y-%m-%d %H:%M:%S"))
     (out / "attack.json").write_text(json.dumps(result, indent=2))
     save_attack_grid(estimator, target, splits.test.images[:8], out / "fig6.png", name, device)
     protected_median = result.get("psnr_protected", {}).get("median", float("nan"))
     log(f"ITN on {name}: median PSNR estimate {result['psnr_estimated']['median']:.2f} dB, "
         f"protected {protected_median:.2f} dB")
     return result
+
+
+def target_fingerprint(path: str | Path) -> str:
+    """What identifies an attack target checkpoint: the SHA-256 of its bytes (a retrained h_θ differs)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return f"sha256:{digest.hexdigest()}"
+
+
+def _cached(out: Path, key: dict, force: bool, log) -> dict | None:
+    """The finished result for ``key`` in ``out``, None to (re)compute; results for another key need ``force``."""
+    done, last = out / "attack.json", out / "last.pt"
+    found = json.loads(done.read_text()).get("cache_key") if done.exists() else None
+    if done.exists() and found == key and not force:
+        log(f"{done} is up to date (same target and settings); reusing it")
+        return json.loads(done.read_text())
+    stale = done.exists() or (last.exists() and load_checkpoint(last, "attack_state")["config"] != key)
+    if stale and not force:
+        old = found or (load_checkpoint(last, "attack_state")["config"] if last.exists() else {})
+        changed = sorted(k for k in key if old.get(k) != key[k]) or ["(an older format)"]
+        raise PPFlowerError(f"{out} holds an attack on another target or with other settings (differs in: "
+                            f"{', '.join(changed)}); rerun with --force to recompute it, or use another --out.")
+    if force:
+        for f in (done, last, out / "best.pt", out / "fig6.png"):
+            f.unlink(missing_ok=True)
+    return None
 
 
 @torch.no_grad()
@@ -166,19 +177,43 @@ def evaluate_attack(estimator: nn.Module, target: Target, images: torch.Tensor, 
     return {**{k: summary(v) for k, v in per_image.items()}, "per_image": {k: v.tolist() for k, v in per_image.items()}}
 
 
-@torch.no_grad()
-def save_attack_grid(estimator: nn.Module, target: Target, images: torch.Tensor, path: Path, name: str,
-                     device: str = "cpu") -> Path:
-    """The paper's Fig. 6: plain / protected / estimated images with each image's PSNR under it."""
-    from pp_flower.report import save_pairs_grid
+def load_inverse_net(path: str | Path) -> nn.Module:
+    """The attacker's selected inverse network (``best.pt`` of :func:`train_attack`), in eval mode."""
+    blob = load_checkpoint(path, "inverse_net")
+    estimator = UNet(blob["base"], blob["depth"], in_channels=blob["in_channels"])
+    estimator.load_state_dict(blob["state_dict"])
+    return estimator.eval()
 
+
+@torch.no_grad()
+def attack_columns(estimator: nn.Module, target: Target, x: torch.Tensor, name: str
+                   ) -> tuple[list[torch.Tensor], list[str], list[list[str]]]:
+    """Fig. 6's two columns for one target: protected images and the ITN estimates, each with its PSNR to x."""
     estimator.eval()
-    x = to_float(images).to(device)
     protected = target(x).clamp(0, 1)
     estimate = estimator(protected)
-    shown = protected[:, :3] if protected.shape[1] != 3 else protected  # 6-channel encryptions: first 3 shown
-    p_prot = psnr(protected, x).tolist() if protected.shape[1] == 3 else [float("nan")] * len(x)
-    p_est = psnr(estimate, x).tolist()
-    return save_pairs_grid([x.cpu(), shown.cpu(), estimate.cpu()], ["plain", "protected", "ITN estimate"], path,
-                           captions=[[], [f"{v:.1f} dB" for v in p_prot], [f"{v:.1f} dB" for v in p_est]],
-                           title=f"ITN-Attack on {name}")
+    rgb = protected.shape[1] == 3  # a 6-channel encryption: its first 3 channels are shown, no PSNR
+    prefix = f"{name}: " if name else ""
+    return ([protected[:, :3].cpu(), estimate.cpu()],
+            [f"{prefix}protected" + ("" if rgb else " (first 3 of 6 channels)"), f"{prefix}ITN estimate"],
+            [[f"{v:.1f} dB" for v in psnr(protected, x).tolist()] if rgb else [],
+             [f"{v:.1f} dB" for v in psnr(estimate, x).tolist()]])
+
+
+def save_fig6(x: torch.Tensor, columns: list[tuple[list, list, list]], path: Path, title: str) -> Path:
+    """The paper's Fig. 6: plain images, then each target's protected / estimated columns, PSNR under each image."""
+    from pp_flower.report import save_pairs_grid
+
+    images, labels, captions = [x.cpu()], ["plain"], [[]]
+    for imgs, labs, caps in columns:
+        images += imgs
+        labels += labs
+        captions += caps
+    return save_pairs_grid(images, labels, path, captions, title=title)
+
+
+def save_attack_grid(estimator: nn.Module, target: Target, images: torch.Tensor, path: Path, name: str,
+                     device: str = "cpu") -> Path:
+    """Fig. 6 for one target (written beside its ``attack.json``)."""
+    x = to_float(images).to(device)
+    return save_fig6(x, [attack_columns(estimator, target, x, "")], path, f"ITN-Attack on {name}")

@@ -10,6 +10,7 @@ import torch
 from pp_flower.checkpoints import load_classifier, load_transform_net
 from pp_flower.data import IMAGE_SUFFIXES, read_image
 from pp_flower.errors import PPFlowerError
+from pp_flower.models import check_image_size
 from pp_flower.progress import track
 
 
@@ -62,11 +63,12 @@ def classify_folder(classifier: Path, input_dir: Path, device: str = "cpu") -> l
 
 def attack_targets(transform=None, run_dir=None, out=None, cfg=None, strong=False, perceptual_weight=1e-4,
                    data_dir=None, limit_train=None, limit_eval=None, device="cpu", log=print,
-                   baseline: str | None = None, key: int = 0) -> dict:
-    """ITN-Attack every target (one checkpoint, or every user of a run); box plot and summary over all of them."""
+                   baseline: str | None = None, key: int = 0, force: bool = False) -> dict:
+    """ITN-Attack every target (one checkpoint, or every user of a run); box plot and summary over every attack
+    in ``out`` (this call's and earlier ones'), each cached under the hash of its target and its settings."""
     from dataclasses import replace
 
-    from pp_flower.attack import AttackConfig, network_target, train_attack
+    from pp_flower.attack import AttackConfig, network_target, target_fingerprint, train_attack
     from pp_flower.data import load_splits
     from pp_flower.report import save_psnr_boxplot
 
@@ -82,30 +84,40 @@ def attack_targets(transform=None, run_dir=None, out=None, cfg=None, strong=Fals
         if not users:
             raise PPFlowerError(f"{run_dir} holds no user-*/best.pt; is it a finished `flower-simulation` run dir?")
         targets.update({p.parent.name: p for p in users})
-    callables = {}
+    callables, ids = {}, {name: target_fingerprint(path) for name, path in targets.items()}
     if baseline is not None:
         from pp_flower.baselines import BASELINES
 
         if baseline not in BASELINES:
             raise PPFlowerError(f"Unknown baseline '{baseline}' (known: {', '.join(BASELINES)}).")
         callables[f"{baseline}-key{key}"] = BASELINES[baseline](key)
+        ids[f"{baseline}-key{key}"] = f"baseline:{baseline}:key={key}"
     if not targets and not callables:
         raise PPFlowerError("Nothing to attack: give --transform PATH, --run-dir PATH or --baseline NAME --key K.")
     nets = {name: load_transform_net(path)[0] for name, path in targets.items()}  # wrong kinds fail here, early
     out = Path(out) if out else (Path(run_dir) / "attack" if run_dir else Path("runs/attack"))
     splits = load_splits(data_dir, limit_train=limit_train, limit_eval=limit_eval)
+    size = tuple(splits.train.images.shape[-2:])
+    check_image_size(size, cfg.unet_depth, "The images (for the attacker's U-Net, --unet-depth)")
+    for name, net in nets.items():
+        check_image_size(size, net.depth, f"The images (for h_θ {name})")
     attackers = {"ITN": cfg}
     if strong:
         attackers["ITN+feat"] = replace(cfg, perceptual=perceptual_weight)
-    results, boxes = {}, {}
     all_targets = {**{name: network_target(net, device) for name, net in nets.items()}, **callables}
     for name, target in all_targets.items():
         for attacker, acfg in attackers.items():
             tag = f"{name}-{attacker}"
-            results[tag] = train_attack(target, splits, out / tag, acfg, device, name=f"{name} ({attacker})", log=log)
-            if attacker == "ITN" and "psnr_protected" in results[tag]["per_image"]:
-                boxes[f"{name}\nprotected"] = results[tag]["per_image"]["psnr_protected"]
-            boxes[f"{name}\n{attacker} estimate"] = results[tag]["per_image"]["psnr_estimated"]
+            train_attack(target, splits, out / tag, acfg, device, name=f"{name} ({attacker})", log=log,
+                         target_id=ids[name], force=force)
+    results, boxes = {}, {}
+    for done in sorted(out.glob("*/attack.json")):  # every attack in out, not just this call's
+        tag, r = done.parent.name, json.loads(done.read_text())
+        results[tag] = r
+        name, attacker = tag.rsplit("-", 1) if tag.endswith(("-ITN", "-ITN+feat")) else (tag, "ITN")
+        if attacker == "ITN" and "psnr_protected" in r["per_image"]:
+            boxes[f"{name}\nprotected"] = r["per_image"]["psnr_protected"]
+        boxes[f"{name}\n{attacker} estimate"] = r["per_image"]["psnr_estimated"]
     save_psnr_boxplot(boxes, out / "fig7_psnr_boxplot.png", title="PSNR to the plain test images (higher = more leaked)")
     summary = {tag: {k: r[k] for k in ("psnr_estimated", "psnr_protected", "ssim_estimated", "ssim_protected")
                      if k in r} for tag, r in results.items()}

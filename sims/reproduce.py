@@ -333,12 +333,11 @@ class Reproduction:
     @torch.no_grad()
     def figures(self, transforms: dict[str, Path], attacks: dict[str, Path]) -> None:
         """Fig. 5 (protected images per α) and Fig. 6 (plain / protected / estimated with PSNR)."""
-        from pp_flower.attack import network_target
+        from pp_flower.attack import attack_columns, load_inverse_net, network_target, save_fig6
         from pp_flower.baselines import BASELINES
-        from pp_flower.checkpoints import load_checkpoint, load_transform_net
+        from pp_flower.checkpoints import load_transform_net
         from pp_flower.data import to_float
         from pp_flower.metrics import psnr
-        from pp_flower.models import UNet
         from pp_flower.report import save_pairs_grid
 
         x = to_float(self.splits(self.preset.attack_limit_train).test.images[:8])
@@ -352,23 +351,13 @@ class Reproduction:
         save_pairs_grid(images, labels, self.out / "fig5_alpha.png", captions,
                         title="Fig. 5: protected images x̂ = h_θ(x) per α (PSNR to the plain image)")
 
-        images, labels, captions = [x], ["plain"], [[]]
+        columns = []
         for row, path in attacks.items():
             target = (network_target(load_transform_net(transforms[row])[0]) if row in transforms
                       else BASELINES[row](BASELINE_KEYS[row]))
-            protected = target(x).clamp(0, 1)
-            blob = load_checkpoint(path / "best.pt", "inverse_net")
-            estimator = UNet(blob["base"], blob["depth"], in_channels=blob["in_channels"])
-            estimator.load_state_dict(blob["state_dict"])
-            estimate = estimator.eval()(protected)
-            shown = protected[:, :3]
-            images += [shown, estimate]
-            labels += [f"{ROW_NAMES[row]}: protected" + (" (first 3 of 6 channels)" if protected.shape[1] != 3 else ""),
-                       f"{ROW_NAMES[row]}: ITN estimate"]
-            captions += [[f"{v:.1f} dB" for v in psnr(protected, x).tolist()] if protected.shape[1] == 3 else [],
-                         [f"{v:.1f} dB" for v in psnr(estimate, x).tolist()]]
-        save_pairs_grid(images, labels, self.out / "fig6_attack.png", captions,
-                        title="Fig. 6: plain / protected / ITN-Attack estimate (PSNR to the plain image)")
+            columns.append(attack_columns(load_inverse_net(path / "best.pt"), target, x, ROW_NAMES[row]))
+        save_fig6(x, columns, self.out / "fig6_attack.png",
+                  "Fig. 6: plain / protected / ITN-Attack estimate (PSNR to the plain image)")
 
 
 def _json(path: Path) -> dict:
