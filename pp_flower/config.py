@@ -143,3 +143,37 @@ def format_run_config(values: Mapping[str, Any]) -> str:
         return json.dumps(str(value))
 
     return " ".join(f"{k}={toml(v)}" for k, v in values.items())
+
+
+def preflight(cfg: AppConfig) -> None:
+    """Fail fast, with one clear line, when ψ, the images or φ cannot serve this run (before any round starts).
+
+    ψ must exist and be a classifier for the data's classes, the images must fit the U-Net's depth and φ's
+    weights must load.
+    """
+    from pathlib import Path
+
+    from pp_flower.checkpoints import load_classifier
+    from pp_flower.data import load_datasets
+    from pp_flower.features import load_feature_net
+    from pp_flower.models import check_image_size
+
+    if not Path(cfg.classifier).is_file():
+        raise PPFlowerError(
+            f"ψ checkpoint '{cfg.classifier}' not found; train one with `ppflower train-classifier --out DIR` "
+            "and pass classifier=\"DIR/best.pt\" in the run config."
+        )
+    _, blob = load_classifier(cfg.classifier)
+    train, _ = load_datasets(cfg.data_dir or None)
+    check_image_size(tuple(train.images.shape[-2:]), cfg.unet_depth, "The training images")
+    check_class_match(blob, train.classes, cfg.classifier)
+    load_feature_net(cfg.vgg_weights or None, cfg.feature_layer)
+
+
+def check_class_match(classifier_blob: dict[str, Any], classes: tuple[str, ...], path: Any) -> None:
+    """ψ labels exactly the data's classes: a 10-class ψ on 3-class data would report wrong accuracies."""
+    known = classifier_blob.get("classes")
+    if classifier_blob["num_classes"] != len(classes) or (known is not None and tuple(known) != tuple(classes)):
+        theirs = ", ".join(known) if known else f"{classifier_blob['num_classes']} classes"
+        raise PPFlowerError(f"ψ ({path}) was trained on {theirs}, but the data has {len(classes)} classes "
+                            f"({', '.join(classes)}); train ψ on this data set first.")

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pp_flower.errors import PPFlowerError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLASSIFIERS = ("resnet20", "vgg16")
@@ -113,6 +115,16 @@ def _double_conv(cin: int, cout: int) -> nn.Sequential:
         nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
         nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
     )
+
+
+def check_image_size(size: tuple[int, int], depth: int, what: str = "The images") -> None:
+    """A depth-``depth`` U-Net halves H and W ``depth`` times: refuse other sizes up front, naming the fixes."""
+    step = 2**depth
+    if size[0] % step or size[1] % step:
+        fits = [d for d in range(1, depth) if size[0] % 2**d == 0 and size[1] % 2**d == 0]
+        fix = f"set unet-depth={max(fits)} (--unet-depth {max(fits)})" if fits else "no depth fits them"
+        raise PPFlowerError(f"{what} are {size[0]}×{size[1]}, but a U-Net of depth {depth} needs sides divisible by "
+                            f"{step}: {fix}, or resize the images to a multiple of {step}.")
 
 
 class UNet(nn.Module):

@@ -1,4 +1,5 @@
-"""``ppflower``: the command line. Each command is a thin call into the library modules."""
+"""``ppflower``: the command line, the outermost layer (it imports the library, the provider and the runners;
+nothing imports it). Each command is a thin call into the modules below."""
 
 from __future__ import annotations
 
@@ -26,6 +27,21 @@ VggWeights = typer.Option(None, "--vgg-weights", envvar="PPFLOWER_VGG_WEIGHTS",
 Device = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto (GPU when present).")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"pp-flower {version('pp-flower')} (flwr {version('flwr')}, torch {version('torch')})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(_version_flag: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                             help="Print the versions of pp-flower, Flower and torch, then exit.")):
+    """Privacy-preserving image classification: train a transformation network h_θ with a provider's classifier ψ
+    on Flower, and measure how well it protects images."""
+
+
 def resolve_device(device: str) -> str:
     import torch
 
@@ -39,10 +55,10 @@ def resolve_device(device: str) -> str:
 @app.command("train-classifier")
 def train_classifier_cmd(
     model: str = typer.Option("resnet20", "--model", help="ψ architecture: resnet20 or vgg16 (VGG16-BN)."),
-    epochs: int = typer.Option(200, help="Epochs (the paper: 200; lr ×0.2 at 30/60/80 %)."),
+    epochs: int = typer.Option(200, min=1, help="Epochs (the paper: 200; lr ×0.2 at 30/60/80 %)."),
     limit_train: Optional[int] = typer.Option(None, "--limit-train", help="Use only the first N training images."),
     limit_eval: Optional[int] = typer.Option(None, "--limit-eval", help="Use only the first N validation/test images."),
-    batch_size: int = typer.Option(128, "--batch-size"),
+    batch_size: int = typer.Option(128, "--batch-size", min=1),
     lr: float = typer.Option(0.1),
     seed: int = typer.Option(0),
     checkpoint_every: int = typer.Option(10, "--checkpoint-every", help="Steps between resume checkpoints."),
@@ -71,9 +87,9 @@ def train_classifier_cmd(
 
 @app.command("train-gan")
 def train_gan_cmd(
-    epochs: int = typer.Option(200, help="Epochs of the conditional GAN."),
+    epochs: int = typer.Option(200, min=1, help="Epochs of the conditional GAN."),
     limit_train: Optional[int] = typer.Option(None, "--limit-train", help="Use only the first N training images."),
-    batch_size: int = typer.Option(64, "--batch-size"),
+    batch_size: int = typer.Option(64, "--batch-size", min=1),
     unet_base: int = typer.Option(16, "--unet-base", help="Generator U-Net width (64 = the full U-Net)."),
     l1_weight: float = typer.Option(100.0, "--l1-weight", help="λ: weight of ‖G(x) − E(x)‖₁ beside the GAN loss."),
     target: str = typer.Option("pixel", "--target", help="Encryption G imitates: pixel or pixel-per-image."),
@@ -98,16 +114,20 @@ def train_gan_cmd(
 def attack(
     transform: Optional[Path] = typer.Option(None, "--transform", help="A user's h_θ checkpoint (best.pt) to attack."),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="A finished simulation: attack every user's best.pt."),
-    baseline: Optional[str] = typer.Option(None, "--baseline", help="A keyed encryption to attack: tanaka or pixel."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="A keyed encryption to attack: tanaka, pixel or "
+                                                                   "pixel-per-image."),
     key: int = typer.Option(0, "--key", help="The baseline's key (stored with the results)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output dir (default: RUN_DIR/attack or runs/attack)."),
-    epochs: int = typer.Option(200, help="Attacker epochs (the paper: 200, lr ×0.2 at 30/60/80 %)."),
-    batch_size: int = typer.Option(128, "--batch-size"),
+    epochs: int = typer.Option(200, min=1, help="Attacker epochs (the paper: 200, lr ×0.2 at 30/60/80 %)."),
+    batch_size: int = typer.Option(128, "--batch-size", min=1),
     lr: float = typer.Option(0.1),
-    unet_base: int = typer.Option(16, "--unet-base", help="Attacker U-Net width (the paper: 64)."),
-    unet_depth: int = typer.Option(4, "--unet-depth"),
+    unet_base: int = typer.Option(16, "--unet-base", min=4, help="Attacker U-Net width (the paper: 64)."),
+    unet_depth: int = typer.Option(4, "--unet-depth", min=1, max=6, help="Attacker U-Net depth (image sides must be "
+                                                                          "divisible by 2**depth)."),
     strong: bool = typer.Option(False, "--strong", help="Also run the stronger attacker (MSE + VGG feature loss)."),
     perceptual_weight: float = typer.Option(1e-4, "--perceptual-weight", help="Feature-loss weight of --strong."),
+    force: bool = typer.Option(False, "--force", help="Recompute attacks whose cached results in OUT came from another "
+                                                      "target or other settings (otherwise refused)."),
     limit_train: Optional[int] = typer.Option(None, "--limit-train", help="Attacker's training pairs (default 45,000)."),
     limit_eval: Optional[int] = typer.Option(None, "--limit-eval", help="Validation/test images (default 5,000/10,000)."),
     data_dir: Optional[Path] = DataDir,
@@ -125,7 +145,7 @@ def attack(
 
     cfg = AttackConfig(epochs=epochs, batch_size=batch_size, lr=lr, unet_base=unet_base, unet_depth=unet_depth)
     attack_targets(transform=transform, run_dir=run_dir, baseline=baseline, key=key, out=out, cfg=cfg, strong=strong,
-                   perceptual_weight=perceptual_weight, data_dir=data_dir, limit_train=limit_train,
+                   perceptual_weight=perceptual_weight, force=force, data_dir=data_dir, limit_train=limit_train,
                    limit_eval=limit_eval, device=resolve_device(device), log=console.print)
 
 
@@ -204,9 +224,8 @@ def deploy_local_cmd(
 ):
     """Flower's Deployment Engine on loopback: SuperLink + N SuperNodes as separate processes, TLS and node
     authentication on, `flwr run` with the run config; results collected, every process stopped at the end."""
-    from pp_flower.config import PATH_KEYS, AppConfig, parse_run_config
+    from pp_flower.config import PATH_KEYS, AppConfig, parse_run_config, preflight
     from sims.deploy_local import deploy_local
-    from strategies.provider import preflight
 
     if users < 1:
         raise PPFlowerError(f"--users must be at least 1, got {users}.")
@@ -234,13 +253,22 @@ _simulate_command()
 
 
 def main() -> None:
+    from sims.flower_patches import plain_logs_when_piped
+
     try:
+        plain_logs_when_piped()
         app()
     except PPFlowerError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
         sys.exit(2)
+    except OSError as exc:  # e.g. an output directory that cannot be created or written
+        if exc.filename is None:
+            raise
+        err_console.print(f"[bold red]error:[/] cannot write or read {exc.filename}: {exc.strerror}; choose another "
+                          "path (nothing else was changed).", markup=True, highlight=False)
+        sys.exit(2)
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted — rerun the same command to resume.[/]")
+        err_console.print("[yellow]interrupted — rerun the same command to resume.[/]")
         sys.exit(130)
 
 

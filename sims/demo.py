@@ -26,7 +26,7 @@ ATTACK = dict(epochs=2, batch_size=64, unet_base=8, limit_train=2048, limit_eval
 def run_demo(out: Path, data_dir=None, vgg_weights=None, device: str = "cpu", log=print) -> dict:
     from pp_flower.classifier import ClassifierConfig, train_classifier
     from pp_flower.data import load_splits
-    from strategies.provider import preflight
+    from pp_flower.config import preflight
 
     out = Path(out)
     clf_dir = out / "classifier"

@@ -10,7 +10,6 @@ other names). The run config is the app's defaults (pp_flower.config.AppConfig, 
 from __future__ import annotations
 
 import importlib
-import json
 import os
 from typing import Optional
 
@@ -21,46 +20,6 @@ from pp_flower.errors import PPFlowerError
 
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
-
-
-_DISPATCH_PATCHED = False
-
-
-def install_event_driven_dispatch() -> None:
-    """Deliver provider messages to simulated users as soon as they are pushed.
-
-    Flower 1.42's simulation engine moves messages from its LinkState to the Ray workers in a loop that
-    sleeps 100 ms between polls (``vce_api.add_messages_to_queue``), which adds ~50 ms on average to every
-    protocol round. We replace that loop with the same loop woken by an event that ``InMemoryGrid.push_messages``
-    sets, falling back to the same 100 ms poll. Behaviour is otherwise unchanged (flwr is pinned to 1.42.x).
-    """
-    global _DISPATCH_PATCHED
-    if _DISPATCH_PATCHED:
-        return
-    import threading
-
-    from flwr.server.superlink.fleet.vce import vce_api
-    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
-
-    pushed = threading.Event()
-    original_push = InMemoryGrid.push_messages
-
-    def push_messages(self, messages):
-        ids = original_push(self, messages)
-        pushed.set()
-        return ids
-
-    def add_messages_to_queue(state, queue, nodes_mapping, f_stop):
-        while not f_stop.is_set():
-            pushed.clear()
-            for node_id in nodes_mapping.keys():
-                for msg in state.get_message_ins(node_id=node_id, limit=1):
-                    queue.put(msg)
-            pushed.wait(0.1)
-
-    InMemoryGrid.push_messages = push_messages
-    vce_api.add_messages_to_queue = add_messages_to_queue
-    _DISPATCH_PATCHED = True
 
 
 def start_ray(ray_address: str | None = None) -> None:
@@ -88,9 +47,8 @@ def simulate(server_app, client_app, num_supernodes: int, run_config: dict, num_
     they hold the CPUs and no GPU.
     """
     from flwr.app import Context, RecordDict
-    from flwr.simulation.run_simulation import _run_simulation
-    from flwr.supercore.telemetry import EventType
 
+    from sims.flower_patches import install_event_driven_dispatch, run_simulation_engine
     from sims.user_trainers import create_pool
 
     install_event_driven_dispatch()
@@ -103,12 +61,34 @@ def simulate(server_app, client_app, num_supernodes: int, run_config: dict, num_
     relay_cpus = max(num_cpus, ray.cluster_resources().get("CPU", 1) / len(trainers))
     backend_config = {"client_resources": {"num_cpus": relay_cpus, "num_gpus": 0.0}}
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
-    _run_simulation(num_supernodes=num_supernodes, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-                    server_app=server_app, client_app=client_app, backend_name="ray",
-                    backend_config=backend_config, server_app_context=context, verbose_logging=verbose)
+    try:
+        run_simulation_engine(server_app, client_app, num_supernodes, backend_config, context, verbose)
+    except KeyboardInterrupt:
+        stop_on_interrupt(run_config.get("run-dir"))
+
+
+def stop_on_interrupt(run_dir: str | None) -> None:
+    """Ctrl-C: stop Ray's workers and end the process now, with one line saying how to resume (exit 130).
+
+    Flower's ServerApp runs in a non-daemon thread that nothing can stop from outside, so the process would
+    otherwise wait for the provider's loop to finish. Every resume point on disk was written atomically, so
+    the run directory is resumable from its last one.
+    """
+    import sys
+
+    import ray
+
+    try:
+        ray.shutdown()
+    finally:
+        where = f" (resume points in {run_dir})" if run_dir else ""
+        print(f"interrupted — rerun the same command to resume{where}.", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(130)
 
 
 def load_app(spec: str):
+    """(module, server_app, client_app) of ``MODULE[:server,client]``."""
     module_name, _, names = spec.partition(":")
     server_name, _, client_name = (names or "server_app,client_app").partition(",")
     try:
@@ -116,48 +96,49 @@ def load_app(spec: str):
     except ImportError as exc:
         raise PPFlowerError(f"Cannot import app module '{module_name}': {exc}") from exc
     try:
-        return getattr(module, server_name), getattr(module, client_name)
+        return module, getattr(module, server_name), getattr(module, client_name)
     except AttributeError as exc:
         raise PPFlowerError(f"'{module_name}' lacks {server_name} or {client_name}: {exc}") from exc
 
 
 def cli(
-    app: str = typer.Option("sims.main", "--app", help="Module with server_app and client_app."),
+    app: str = typer.Option("sims.main", "--app", help="Module with server_app and client_app (MODULE:server,client "
+                                                       "picks other names)."),
     num_supernodes: int = typer.Option(2, "--num-supernodes", help="Number of simulated users."),
     run_config: str = typer.Option("", "--run-config", help='Overrides in Flower\'s grammar (strings quoted), e.g. '
-                                   '\'classifier="runs/classifier/best.pt" alpha=0.005\', or a .toml file; keys and '
-                                   'defaults: pyproject.toml [tool.flwr.app.config] (README).'),
+                                   '\'classifier="runs/classifier/best.pt" alpha=0.005\', or a .toml file. Keys, '
+                                   'defaults and meanings: pyproject.toml [tool.flwr.app.config] and README '
+                                   '"Run-config keys".'),
     num_cpus: float = typer.Option(1.0, "--num-cpus", help="CPU cores reserved per user (Ray resources)."),
     num_gpus: float = typer.Option(0.0, "--num-gpus", help="GPU fraction per user, e.g. 0.25."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS",
                                               help="Attach to an existing Ray cluster (e.g. 'auto')."),
     verbose: bool = typer.Option(False, "--verbose"),
 ) -> None:
-    """Run the pp-flower app (or any Flower app module) on Flower's simulation engine."""
-    from pp_flower.config import AppConfig, parse_run_config
+    """Run the pp-flower app (or any Flower app module) on Flower's simulation engine.
+
+    An app module may define ``prepare_run_config(overrides) -> dict`` (its full, checked run config) and
+    ``report_run(run_config, log)`` (its results; raising when they are unusable): sims.main does both.
+    Ctrl-C stops the run and Ray's workers within seconds (exit 130); rerun the same command to resume."""
+    from pp_flower.config import parse_run_config
 
     if num_supernodes < 1:
         raise PPFlowerError(f"--num-supernodes must be at least 1, got {num_supernodes}.")
     overrides = parse_run_config(run_config)
-    cfg = AppConfig.from_run_config(overrides)
-    server_app, client_app = load_app(app)
-    if app.split(":")[0] == "sims.main":
-        from strategies.provider import preflight
-
-        preflight(cfg)  # a missing ψ, data set or φ ends here, before any round starts
-    console.print(f"[bold]flower-simulation[/] {app}: {num_supernodes} users, run dir {cfg.run_dir}")
-    simulate(server_app, client_app, num_supernodes, cfg.to_run_config(), num_cpus, num_gpus, ray_address, verbose)
-    summary = os.path.join(cfg.run_dir, "run.json")
-    if not os.path.exists(summary):
-        raise PPFlowerError(f"The simulation ended without writing {summary}; see the log above.")
-    users = json.load(open(summary))["users"]
-    for u in users:
-        test = u["test"]
-        console.print(f"user {u['index']}: test accuracy {test.get('test-accuracy', float('nan')):.4f}, "
-                      f"protected PSNR {test.get('protected-psnr', float('nan')):.2f} dB")
+    module, server_app, client_app = load_app(app)
+    prepare = getattr(module, "prepare_run_config", None)
+    config = prepare(overrides) if prepare else overrides
+    console.print(f"[bold]flower-simulation[/] {app}: {num_supernodes} users"
+                  + (f", run dir {config['run-dir']}" if "run-dir" in config else ""))
+    simulate(server_app, client_app, num_supernodes, config, num_cpus, num_gpus, ray_address, verbose)
+    if (report := getattr(module, "report_run", None)) is not None:
+        report(config, console.print)
 
 
 def main() -> None:
+    from sims.flower_patches import plain_logs_when_piped
+
+    plain_logs_when_piped()
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
     app.command()(cli)
     try:

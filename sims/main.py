@@ -44,6 +44,40 @@ def make_server_app(message_log=None) -> ServerApp:
 
 server_app = make_server_app()
 
+
+def prepare_run_config(overrides: dict) -> dict:
+    """The full run config (defaults + ``overrides``), checked before any round starts (``flower-simulation``)."""
+    from pp_flower.config import AppConfig, preflight
+
+    cfg = AppConfig.from_run_config(overrides)
+    preflight(cfg)  # a missing ψ, data set or φ, a class mismatch or an image size the U-Net can't take
+    return cfg.to_run_config()
+
+
+def report_run(run_config: dict, log) -> dict:
+    """Each user's result from ``run.json``; a run whose users failed or ended with NaN metrics is an error."""
+    import json
+    import math
+    from pathlib import Path
+
+    from pp_flower.errors import PPFlowerError
+
+    summary = Path(run_config["run-dir"]) / "run.json"
+    if not summary.exists():
+        raise PPFlowerError(f"The run ended without writing {summary}; see the log above.")
+    users = json.loads(summary.read_text())["users"]
+    failed = []
+    for u in users:
+        accuracy = u.get("test", {}).get("test-accuracy", float("nan"))
+        psnr = u.get("test", {}).get("protected-psnr", float("nan"))
+        log(f"user {u['index']}: test accuracy {accuracy:.4f}, protected PSNR {psnr:.2f} dB")
+        if not (math.isfinite(accuracy) and math.isfinite(psnr)):
+            failed.append(str(u["index"]))
+    if failed:
+        raise PPFlowerError(f"User(s) {', '.join(failed)} of {len(users)} ended without finite test metrics "
+                            f"(failed or dropped; see the log above and {summary}).")
+    return {"users": users}
+
 # ---------------------------------------------------------------------------------------------- a user
 #
 # A user's state lives in its trainer (pp_flower.user.UserTrainer, placed by sims.user_trainers); the ClientApp,

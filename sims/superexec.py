@@ -61,7 +61,9 @@ def _run_clientapp(argv: list[str]) -> None:
         from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
 
         if os.environ.get("PPFLOWER_WARM_PROFILE") == "1":
-            _profile_phases()
+            from sims.flower_patches import profile_clientapp_phases
+
+            profile_clientapp_phases()
 
         flwr_clientapp()
         code = 0
@@ -71,37 +73,6 @@ def _run_clientapp(argv: list[str]) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
-
-
-def _profile_phases() -> None:
-    """Log how long each phase of Flower's ClientApp process takes (``PPFLOWER_WARM_PROFILE=1``)."""
-    import time
-
-    from flwr.supernode.runtime import run_clientapp as rc
-
-    start = time.perf_counter()
-
-    def timed(name, fn):
-        def wrapper(*args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                print(f"ppflower-superexec: pid {os.getpid()} {name} {time.perf_counter() - t0:.3f} s "
-                      f"(at {t0 - start:.3f} s)", file=sys.stderr, flush=True)
-        return wrapper
-
-    for name in ("pull_task_input", "install_from_fab", "push_message", "push_task_output"):
-        setattr(rc, name, timed(name, getattr(rc, name)))
-    load = rc.get_load_client_app_fn
-
-    def get_load(*args, **kwargs):
-        return timed("load_client_app", load(*args, **kwargs))
-
-    rc.get_load_client_app_fn = get_load
-    from flwr.clientapp import ClientApp
-
-    ClientApp.__call__ = timed("client_app", ClientApp.__call__)
 
 
 # ------------------------------------------------------------------------------------------- the SuperExec
@@ -137,39 +108,12 @@ class WarmLauncher:
             self.proc.kill()
 
 
-def route_popen(module, route) -> None:
-    """Make ``module.subprocess.Popen(args)`` call ``route(args)`` first: it returns the argument list to start
-    (possibly rewritten), or None when it has started the task itself. Used on flwr 1.42's SuperNode (which
-    starts ``flower-superexec``) and SuperExec (which starts ``flwr-clientapp``)."""
-    popen = subprocess.Popen
-
-    class _Subprocess:
-        def __getattr__(self, name):
-            return getattr(subprocess, name)
-
-        @staticmethod
-        def Popen(args, *rest, **kwargs):  # noqa: N802 - same name as subprocess.Popen
-            if isinstance(args, list) and args and not rest and not kwargs:  # (kwargs: e.g. suppressed output)
-                args = route(args)
-                if args is None:
-                    return None
-            return popen(args, *rest, **kwargs)
-
-    module.subprocess = _Subprocess()
-
-
 def install_warm_clientapp() -> WarmLauncher:
     """Patch flwr's subprocess executor so that ClientApp tasks are forked from the template."""
-    from flwr.supercore.superexec.executor import subprocess_executor
+    from sims import flower_patches
 
     launcher = WarmLauncher()
-
-    def route(args: list[str]) -> list[str] | None:
-        if args[0] == "flwr-clientapp" and launcher.launch(args[1:]):
-            return None
-        return args
-
-    route_popen(subprocess_executor, route)
+    flower_patches.install_warm_clientapp(launcher.launch)
     return launcher
 
 

@@ -17,7 +17,7 @@ trainer is restarted when it dies or hangs (``PPFLOWER_TRAINER_HANG_TIMEOUT`` s 
 from its resume point. ``PPFLOWER_USER_TRAINER=0`` runs without it (state in ``context.state``, as plain
 ``flower-supernode`` does).
 
-It patches module internals of the pinned flwr 1.42.x; plain ``flower-supernode`` works with the app too, only
+It patches module internals of the pinned flwr 1.42.x (all in sims/flower_patches.py); plain ``flower-supernode`` works with the app too, only
 slower (docs/deployment.md).
 """
 
@@ -31,49 +31,6 @@ import sys
 import tempfile
 import threading
 import time as _time
-
-
-class _FastTime:
-    """The ``time`` module as seen by flwr's SuperNode loop, with its fixed sleeps shortened."""
-
-    def __init__(self, idle: float, reply: float):
-        self._idle, self._reply = idle, reply
-
-    def sleep(self, seconds: float) -> None:
-        if seconds >= 3:
-            seconds = self._idle
-        elif seconds >= 0.5:
-            seconds = self._reply
-        _time.sleep(seconds)
-
-    def __getattr__(self, name):
-        return getattr(_time, name)
-
-
-def install_fast_polling(idle: float | None = None, reply: float = 0.01, heartbeat: float | None = None) -> None:
-    from flwr.supercore import heartbeat as heartbeat_module
-    from flwr.supernode import fleet_http_connection, start_client_internal
-
-    idle = float(os.environ.get("PPFLOWER_SUPERNODE_POLL", "0.05")) if idle is None else idle
-    start_client_internal.time = _FastTime(idle, reply)
-    os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.02")
-    # Heartbeat every 10 s (Flower's minimum; default 30 s): a dead node is marked offline after 20 s instead of
-    # 60 s, and only then may a restarted node with the same key activate again.
-    heartbeat = float(os.environ.get("PPFLOWER_SUPERNODE_HEARTBEAT", "10")) if heartbeat is None else heartbeat
-    fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL = heartbeat
-    heartbeat_module.HEARTBEAT_DEFAULT_INTERVAL = heartbeat
-
-
-def use_warm_superexec() -> None:
-    """Start ``sims.superexec`` (ClientApp processes forked from a pre-imported template) as the SuperExec."""
-    from flwr.supernode import start_client_internal
-
-    from sims.superexec import route_popen
-
-    def route(args: list[str]) -> list[str]:
-        return [sys.executable, "-m", "sims.superexec", *args[1:]] if args[0] == "flower-superexec" else args
-
-    route_popen(start_client_internal, route)
 
 
 class TrainerSupervisor:
@@ -152,6 +109,9 @@ def start_user_trainer() -> TrainerSupervisor:
 def main() -> None:
     from flwr.supernode.cli import flower_supernode
 
+    from sims.flower_patches import install_fast_polling, plain_logs_when_piped, use_warm_superexec
+
+    plain_logs_when_piped()
     install_fast_polling()
     if os.environ.get("PPFLOWER_USER_TRAINER", "1") != "0":
         start_user_trainer()

@@ -23,10 +23,10 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from pp_flower import protocol as P
 from pp_flower.checkpoints import load_classifier, save_atomic, transform_blob
-from pp_flower.config import AppConfig
+from pp_flower.config import AppConfig, check_class_match
 from pp_flower.data import load_splits, user_shards
 from pp_flower.errors import PPFlowerError
-from pp_flower.models import UNet
+from pp_flower.models import UNet, check_image_size
 from pp_flower.progress import Bar
 from pp_flower.transform import class_gradients
 
@@ -60,6 +60,7 @@ class UserTrack:
     class_losses: list[float] = field(default_factory=list)
     final_metrics: dict = field(default_factory=dict)
     val_metrics: list[dict] = field(default_factory=list)
+    validated: int = 0               # epochs validated before this run started (a rerun resumed the user)
 
     def next_batch(self) -> int:
         if self.pending is not None:
@@ -70,21 +71,6 @@ class UserTrack:
 
     def done(self, end: int) -> bool:
         return self.pending is None and self.applied >= end
-
-
-def preflight(cfg: AppConfig) -> None:
-    """Fail fast with a clear error when ψ's checkpoint, the images or φ's weights are not usable."""
-    from pp_flower.data import load_datasets
-    from pp_flower.features import load_feature_net
-
-    if not Path(cfg.classifier).is_file():
-        raise PPFlowerError(
-            f"ψ checkpoint '{cfg.classifier}' not found; train one with `ppflower train-classifier --out DIR` "
-            "and pass classifier=DIR/best.pt in the run config."
-        )
-    load_classifier(cfg.classifier)
-    load_datasets(cfg.data_dir or None)
-    load_feature_net(cfg.vgg_weights or None, cfg.feature_layer)
 
 
 class ProviderStrategy(Strategy):
@@ -130,12 +116,14 @@ class ProviderStrategy(Strategy):
                 f"ψ checkpoint '{cfg.classifier}' not found; train one with `ppflower train-classifier --out DIR` "
                 "and pass classifier=DIR/best.pt in the run config."
             )
-        classifier, _ = load_classifier(cfg.classifier)
+        classifier, blob = load_classifier(cfg.classifier)
         device = cfg.provider_device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         splits = load_splits(cfg.data_dir or None, seed=cfg.seed, limit_train=cfg.limit_train or None,
                              limit_eval=cfg.limit_eval or None)
+        check_class_match(blob, splits.train_all.classes, cfg.classifier)  # also where no preflight ran (flwr run)
+        check_image_size(tuple(splits.train_all.images.shape[-2:]), cfg.unet_depth, "The training images")
         ids = {"train": splits.train_ids, "val": splits.val_ids, "test": splits.test_ids}
         shape = tuple(splits.train_all.images.shape[1:])
         return cls(cfg, classifier.to(device), splits.train_all.labels, ids, shape, message_log,
@@ -333,17 +321,28 @@ class ProviderStrategy(Strategy):
             ids = {"train": self.ids["train"][shard], "val": self.ids["val"], "test": self.ids["test"]}
             user = UserTrack(node, index, ids)
             self.users[node] = user
-            messages.append(self._setup_message(user, node))
+            messages.append(self._setup_message(user, node, resume=True))  # a rerun continues from resume points
         replies = self.exchange(grid, messages, max(self.cfg.step_timeout, 600.0), "setup")
         for node, user in self.users.items():
             if not self._reply_ok(user, replies.get(node)):
                 user.active = False
                 log.error("user %d failed its setup and takes no part in this run", user.index)
+                continue
+            content = replies[node].content
+            user.applied = int(content.config_records[P.CONTROL]["step"])
+            user.validated = int(content.metric_records[P.METRICS].get("validated", 0)) \
+                if P.METRICS in content.metric_records else 0
+            if user.applied:
+                log.info("user %d resumed from its resume point at step %d", user.index, user.applied)
         if not any(u.active for u in self.users.values()):
             raise PPFlowerError("Every user failed its setup; see the log above.")
         log.info("%d users, %d steps per epoch, batch %d", len(nodes), self.steps_per_epoch, self.cfg.batch_size)
 
     def _epoch(self, grid: Grid, epoch: int) -> None:
+        active = [u for u in self.users.values() if u.active]
+        if active and all(u.validated > epoch for u in active):  # a rerun: done before the interruption
+            log.info("epoch %d: trained and validated before this run resumed", epoch + 1)
+            return
         self.train_epoch(grid, epoch)
         val = self.evaluate(grid, "val")
         for user, metrics in val.items():
