@@ -136,8 +136,20 @@ class LiveUser:
         momentum = {name: self.opt.state[p]["momentum_buffer"].cpu() for name, p in self.net.named_parameters()
                     if "momentum_buffer" in self.opt.state.get(p, {})}
         return {"kind": "user_state", "user-index": self.index, "unet-base": self.cfg.unet_base,
-                "alpha": self.cfg.alpha, "state_dict": {k: v.cpu() for k, v in self.net.state_dict().items()},
+                "alpha": self.cfg.alpha, "config": self.resume_key(), "state_dict": {k: v.cpu() for k, v in self.net.state_dict().items()},
                 "momentum": momentum, "progress": {**self.progress, "pending": False}}
+
+    # run-config keys that change how a run ends, not what h_θ becomes: a resume point ignores them
+    MECHANICS = ("run-dir", "step-timeout", "max-failures", "min-users", "wait-for-users", "num-threads",
+                 "user-device", "provider-device", "provider-microbatch", "keep-graph", "eval-chunk", "checkpoint-every")
+
+    def resume_key(self) -> dict:
+        """What a resume point must match to continue this user: its config, its batches and its images."""
+        import hashlib
+
+        ids = hashlib.sha256(self.ids["train"].numpy().tobytes()).hexdigest()[:16]
+        return {**{k: v for k, v in self.cfg.to_run_config().items() if k not in self.MECHANICS},
+                "user-index": self.index, "steps-per-epoch": self.steps_per_epoch, "train-ids": ids}
 
     def restore(self, blob: dict) -> None:
         self.net.load_state_dict(blob["state_dict"])
@@ -155,11 +167,11 @@ class LiveUser:
         """Continue from ``out-dir/resume.pt`` (and ``best.pt``) when they belong to this user and config."""
         path = self.out_dir / "resume.pt"
         if not path.exists():
-            log.warning("user %d: no resume point in %s; starting h_θ afresh", self.index, self.out_dir)
+            log.info("user %d: no resume point in %s; h_θ starts afresh", self.index, self.out_dir)
             return
         blob = load_checkpoint(path, "user_state")
-        if (blob["user-index"], blob["unet-base"], blob["alpha"]) != (self.index, self.cfg.unet_base, self.cfg.alpha):
-            log.warning("user %d: %s belongs to another user or config; starting h_θ afresh", self.index, path)
+        if blob.get("config") != self.resume_key():
+            log.warning("user %d: %s was written by another user or run config; h_θ starts afresh", self.index, path)
             return
         self.restore(blob)
         if (self.out_dir / "best.pt").exists():
@@ -370,7 +382,7 @@ class UserTrainer:
         for live in self.users.values():
             live.hosted = len(self.users)
         return {"n-params": sum(p.numel() for p in user.net.parameters()), "n-train": len(user.ids["train"]),
-                "step": int(user.progress["step"])}
+                "step": int(user.progress["step"]), "validated": len(user.progress["val-curve"])}
 
     def call(self, key: str, index: int, kind: str, control: dict, arrays: dict | None = None) -> dict:
         """One message of the protocol: ``kind`` is ``step`` or ``evaluate``; ``arrays`` its tensors by record."""
