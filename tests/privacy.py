@@ -35,24 +35,37 @@ def plain_image_hits(msg: Message, plain_images: torch.Tensor, tol: float = 2.0 
     return hits
 
 
-def label_hits(msg: Message, labels_of: dict[int, int]) -> list[str]:
-    """Integer arrays or config lists that equal the labels of the sample ids travelling with them."""
-    hits = []
-    ids = None
+def _values(msg: Message):
+    """Every array (with its shape) and every list in the message's config and metric records, as float64."""
     for name, arr in arrays(msg):
-        if name == "ids":
-            ids = torch.from_numpy(arr.numpy().copy())
-    if ids is None or len(ids) < 4:
-        return hits
-    truth = torch.tensor([labels_of[int(i)] for i in ids])
-    for name, arr in arrays(msg):
-        values = torch.from_numpy(arr.numpy().copy()).flatten()
-        if values.numel() == len(truth) and not values.is_floating_point() and torch.equal(values.long(), truth):
-            hits.append(name)
+        yield name, torch.from_numpy(arr.numpy().copy()).double()
     for rec in list(msg.content.config_records.values()) + list(msg.content.metric_records.values()):
         for name, value in rec.items():
-            if isinstance(value, list) and len(value) == len(truth) and [int(v) for v in value] == truth.tolist():
+            if isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
+                yield name, torch.tensor([float(v) for v in value], dtype=torch.float64)
+
+
+def label_hits(msg: Message, labels_of: dict[int, int], related_ids=()) -> list[str]:
+    """Arrays or lists that carry the labels of sample ids, whatever their dtype: as label values (integer or
+    float) or as one-hot rows. The ids are any id vector in the message itself, and ``related_ids``: the ids
+    this message is about though it does not carry them (e.g. the batches its receiver sent before)."""
+    candidates = [torch.from_numpy(arr.numpy().copy()).flatten() for _, arr in arrays(msg)
+                  if arr.dtype in ("int64", "int32") and len(arr.shape) == 1]
+    candidates += [torch.as_tensor(ids).flatten() for ids in related_ids]
+    truths = [torch.tensor([labels_of[int(i)] for i in ids], dtype=torch.float64) for ids in candidates
+              if len(ids) >= 4 and all(int(i) in labels_of for i in ids)]
+    hits = []
+    for name, values in _values(msg):
+        for truth in truths:
+            n = len(truth)
+            if values.numel() == n and torch.equal(values.flatten(), truth):
                 hits.append(name)
+                break
+            rows = values.reshape(n, -1) if values.numel() % n == 0 and values.numel() > n else None
+            if (rows is not None and rows.shape[1] > int(truth.max()) and ((rows == 0) | (rows == 1)).all()
+                    and (rows.sum(1) == 1).all() and torch.equal(rows.argmax(1).double(), truth)):
+                hits.append(name)  # one-hot rows
+                break
     return hits
 
 

@@ -67,7 +67,7 @@ def test_killed_attack_resumes_to_the_same_estimator(small, tmp_path):
 
 
 def _ppflower(*args):
-    return subprocess.run([sys.executable, "-m", "pp_flower.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "sims.cli", *map(str, args)], capture_output=True, text=True,
                           timeout=900)
 
 

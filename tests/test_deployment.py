@@ -172,7 +172,7 @@ def test_deploy_local_stops_every_process_on_ctrl_c(tmp_path, classifier_ckpt):
     import sys
 
     workdir = tmp_path / "dep"
-    argv = [sys.executable, "-m", "pp_flower.cli", "deploy-local", "--users", "2", "--workdir", str(workdir),
+    argv = [sys.executable, "-m", "sims.cli", "deploy-local", "--users", "2", "--workdir", str(workdir),
             "--run-config", f'classifier="{classifier_ckpt}" limit-train=48 batch-size=16 unet-base=4 unet-depth=2']
     cli = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 180

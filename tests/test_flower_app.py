@@ -103,8 +103,12 @@ def test_privacy_audit_on_every_message(two_user_run, splits, classifier_ckpt):
         assert privacy.label_hits(msg, labels_of) == []
         n_images += sum(a.shape[0] for _, a in privacy.arrays(msg) if len(a.shape) == 4)
     assert n_images >= 48 + 2 * 40  # the audit really saw protected training, validation and test images
+    sent_ids = _ids_sent_by_node(to_provider)
+    assert all(len(batches) > 5 for batches in sent_ids.values())
     for msg in to_users:
         assert privacy.parameter_hits(msg, psi) == []
+        # users train and test without labels: no message to a user carries the labels of any id it holds
+        assert privacy.label_hits(msg, labels_of, sent_ids[msg.metadata.dst_node_id]) == []
     # outputs of the run, per user
     for k in (0, 1):
         user_dir = run_dir / f"user-{k}"
@@ -113,6 +117,47 @@ def test_privacy_audit_on_every_message(two_user_run, splits, classifier_ckpt):
         assert len(metrics["val_transform_loss_curve"]) == 1
         assert metrics["protected_psnr"]["mean"] < 30
         assert (user_dir / "best.pt").exists() and (user_dir / "fig5_alpha0.01.png").stat().st_size > 1000
+
+
+def _ids_sent_by_node(to_provider) -> dict[int, list[torch.Tensor]]:
+    """Every id vector each user sent to the provider: what the provider's next message to it is about."""
+    sent: dict[int, list[torch.Tensor]] = {}
+    for msg in to_provider:
+        for name, arr in privacy.arrays(msg):
+            if name == "ids":
+                sent.setdefault(msg.metadata.src_node_id, []).append(torch.from_numpy(arr.numpy().copy()))
+    return sent
+
+
+def test_audit_flags_labels_planted_in_real_messages_to_users(two_user_run, splits):
+    """Positive controls on a recorded message: the provider adds the true labels of a user's test ids to its
+    test-phase results (a planted fault that once slipped past the audit) — as int64, float32, uint8, one-hot or
+    a config list, with no ids in the message."""
+    from flwr.app import Message
+
+    from pp_flower import protocol as P
+
+    log, _ = two_user_run
+    sent_ids = _ids_sent_by_node([m for d, m in log if d == "to-provider"])
+    labels_of = {int(i): int(splits.test_all.labels[i]) for i in splits.test_ids[:20]}
+    # the last test result sent to a user answers the last test chunk that user sent
+    msg = [m for d, m in log if d == "to-users" and P.RESULT in m.content.array_records
+           and "correct" in m.content.array_records[P.RESULT]][-1]
+    node = msg.metadata.dst_node_id
+    correct = torch.from_numpy(msg.content.array_records[P.RESULT]["correct"].numpy().copy())
+    ids = next(b for b in reversed(sent_ids[node]) if len(b) == len(correct))
+    truth = torch.tensor([labels_of[int(i)] for i in ids])
+    assert privacy.label_hits(msg, labels_of, sent_ids[node]) == []  # the real message is clean
+    plants = {"int64": truth, "float32": truth.float(), "uint8": truth.to(torch.uint8),
+              "one-hot": torch.nn.functional.one_hot(truth, 10).float()}
+    for kind, leak in plants.items():
+        content = P.make_content(control=dict(msg.content.config_records[P.CONTROL]),
+                                 result={"correct": correct, "labels": leak})
+        planted = Message(content=content, dst_node_id=node, message_type="evaluate.chunk")
+        assert privacy.label_hits(planted, labels_of, sent_ids[node]) == ["labels"], kind
+    listed = Message(content=P.make_content(control={"labels": truth.tolist()}), dst_node_id=node,
+                     message_type="evaluate.chunk")
+    assert privacy.label_hits(listed, labels_of, sent_ids[node]) == ["labels"]
 
 
 def test_audit_checks_can_fail(splits, classifier_ckpt):
