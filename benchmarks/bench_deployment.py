@@ -37,10 +37,10 @@ def summarise(run: dict, mode: str, wall: float) -> dict:
     """Medians over the steady-state training rounds of the round time and its parts (per round, not averaged)."""
     rounds = [r for r in run["rounds"] if r["images"] > 0][WARMUP:]
     med = lambda key: statistics.median(r[key] for r in rounds)  # noqa: E731
-    messaging = statistics.median(r["seconds"] - r["user_compute"] - r["provider_compute"] for r in rounds)
+    messaging = statistics.median(r["seconds"] - r["user-compute"] - r["provider-compute"] for r in rounds)
     return {"mode": mode, "median_round_seconds": med("seconds"), "rounds_measured": len(rounds),
-            "user_compute_critical_per_round": med("user_compute"),
-            "provider_compute_per_round": med("provider_compute"),
+            "user_compute_critical_per_round": med("user-compute"),
+            "provider_compute_per_round": med("provider-compute"),
             "messaging_per_round": messaging, "wall_seconds_whole_run": wall}
 
 

@@ -70,10 +70,10 @@ def bench_flower(cfg: AppConfig, users: int, steps: int, cores: int) -> dict:
         "users": users,
         "images_per_s": sum(r["images"] for r in rounds) / seconds,
         "round_seconds": seconds / len(rounds),
-        "user_compute_critical_s": t["user_compute_critical"] / n_rounds,
-        "provider_compute_s": t["provider_compute"] / n_rounds,
-        "messaging_s": (t["train_seconds"] - t["user_compute_critical"] - t["provider_compute"]) / n_rounds,
-        "bytes_per_train_image": t["bytes_per_train_image"],
+        "user_compute_critical_s": t["user-compute-critical"] / n_rounds,
+        "provider_compute_s": t["provider-compute"] / n_rounds,
+        "messaging_s": (t["train-seconds"] - t["user-compute-critical"] - t["provider-compute"]) / n_rounds,
+        "bytes-per-train-image": t["bytes-per-train-image"],
     }
 
 
@@ -104,7 +104,7 @@ def main() -> None:
         print(f"Flower app, {users} user(s): {r['images_per_s']:.1f} images/s aggregate; per round "
               f"{r['round_seconds']:.3f} s = user {r['user_compute_critical_s']:.3f} + provider "
               f"{r['provider_compute_s']:.3f} + messaging {r['messaging_s']:.3f}; "
-              f"{r['bytes_per_train_image']:.0f} B/image on the wire", flush=True)
+              f"{r['bytes-per-train-image']:.0f} B/image on the wire", flush=True)
     one = results["flower"][0]["images_per_s"]
     print(f"1-user Flower / in-process = {one / results['reference_images_per_s']:.2f}")
     for r in results["flower"][1:]:

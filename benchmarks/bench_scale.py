@@ -104,12 +104,12 @@ def sim_run(args, users: int, width: int, batch: int, steps: int, depth: int = 4
     result.update(
         users=users, width=width, batch=batch, steps=steps,
         median_round_s=statistics.median(r["seconds"] for r in rounds),
-        median_user_compute_s=statistics.median(r["user_compute"] for r in rounds),
-        median_provider_compute_s=statistics.median(r["provider_compute"] for r in rounds),
-        median_overhead_s=statistics.median(r["seconds"] - r["user_compute"] - r["provider_compute"] for r in rounds),
-        graph_modes=sorted({json.loads((run_dir / f"user-{u['index']}" / "metrics.json").read_text())["graph_mode"]
+        median_user_compute_s=statistics.median(r["user-compute"] for r in rounds),
+        median_provider_compute_s=statistics.median(r["provider-compute"] for r in rounds),
+        median_overhead_s=statistics.median(r["seconds"] - r["user-compute"] - r["provider-compute"] for r in rounds),
+        graph_modes=sorted({json.loads((run_dir / f"user-{u['index']}" / "metrics.json").read_text())["graph-mode"]
                             for u in run["users"]}),
-        steps_applied=[u["steps_applied"] for u in run["users"]],
+        steps_applied=[u["steps-applied"] for u in run["users"]],
     )
     return result
 

@@ -75,8 +75,8 @@ def train_attack(target: Target, splits: Splits, out_dir: str | Path, cfg: Attac
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    key = {"target": target_id or name, "attack": asdict(cfg), "n_train": len(splits.train),
-           "n_val": len(splits.val), "n_test": len(splits.test)}
+    key = {"target": target_id or name, "attack": asdict(cfg), "n-train": len(splits.train),
+           "n-val": len(splits.val), "n-test": len(splits.test)}
     if (cached := _cached(out, key, force, log)) is not None:
         return cached
     torch.manual_seed(derive_seed(cfg.seed, "attack-init"))
@@ -101,7 +101,7 @@ def train_attack(target: Target, splits: Splits, out_dir: str | Path, cfg: Attac
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        return {"train_loss": loss.item()}
+        return {"train-loss": loss.item()}
 
     def save_best(epoch: int, val: dict) -> None:
         save_atomic({"kind": "inverse_net", "base": cfg.unet_base, "depth": cfg.unet_depth, "in_channels": in_channels,
@@ -109,7 +109,7 @@ def train_attack(target: Target, splits: Splits, out_dir: str | Path, cfg: Attac
 
     job = Job(kind="attack_state", config=key, modules={"state_dict": estimator},
               optimizers={"optimizer": opt}, step=step,
-              validate=lambda: {"val_loss": _val_loss(estimator, target, splits.val.images, device)},
+              validate=lambda: {"val-loss": _val_loss(estimator, target, splits.val.images, device)},
               save_best=save_best, n_train=len(train), epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
               lr=cfg.lr_at, checkpoint_every=cfg.checkpoint_every,
               desc=f"ITN on {name}")
@@ -117,12 +117,13 @@ def train_attack(target: Target, splits: Splits, out_dir: str | Path, cfg: Attac
 
     estimator.load_state_dict(load_inverse_net(out / "best.pt").state_dict())
     result = evaluate_attack(estimator, target, splits.test.images, device)
-    result.update(target=name, cache_key=key, config=asdict(cfg), history=progress["history"], best_epoch=progress["best_epoch"],
-                  n_train=len(train), n_val=len(splits.val), finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+    result.update({"target": name, "cache-key": key, "config": asdict(cfg), "history": progress["history"],
+                   "best-epoch": progress["best-epoch"], "n-train": len(train), "n-val": len(splits.val),
+                   "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
     (out / "attack.json").write_text(json.dumps(result, indent=2))
     save_attack_grid(estimator, target, splits.test.images[:8], out / "fig6.png", name, device)
-    protected_median = result.get("psnr_protected", {}).get("median", float("nan"))
-    log(f"ITN on {name}: median PSNR estimate {result['psnr_estimated']['median']:.2f} dB, "
+    protected_median = result.get("psnr-protected", {}).get("median", float("nan"))
+    log(f"ITN on {name}: median PSNR estimate {result['psnr-estimated']['median']:.2f} dB, "
         f"protected {protected_median:.2f} dB")
     return result
 
@@ -141,7 +142,7 @@ def target_fingerprint(path: str | Path) -> str:
 def _cached(out: Path, key: dict, force: bool, log) -> dict | None:
     """The finished result for ``key`` in ``out``, None to (re)compute; results for another key need ``force``."""
     done, last = out / "attack.json", out / "last.pt"
-    found = json.loads(done.read_text()).get("cache_key") if done.exists() else None
+    found = json.loads(done.read_text()).get("cache-key") if done.exists() else None
     if done.exists() and found == key and not force:
         log(f"{done} is up to date (same target and settings); reusing it")
         return json.loads(done.read_text())
@@ -162,19 +163,19 @@ def evaluate_attack(estimator: nn.Module, target: Target, images: torch.Tensor, 
                     chunk: int = 500) -> dict:
     """Per-image PSNR and SSIM of estimated vs plain and of protected vs plain images, plus quartiles."""
     estimator.eval()
-    values: dict[str, list[torch.Tensor]] = {"psnr_estimated": [], "psnr_protected": [], "ssim_estimated": [],
-                                             "ssim_protected": []}
+    values: dict[str, list[torch.Tensor]] = {"psnr-estimated": [], "psnr-protected": [], "ssim-estimated": [],
+                                             "ssim-protected": []}
     for idx in torch.split(torch.arange(len(images)), chunk):
         x = to_float(images[idx]).to(device)
         protected = target(x).clamp(0, 1)
         estimate = estimator(protected)
-        values["psnr_estimated"].append(psnr(estimate, x).cpu())
-        values["ssim_estimated"].append(ssim(estimate, x).cpu())
+        values["psnr-estimated"].append(psnr(estimate, x).cpu())
+        values["ssim-estimated"].append(ssim(estimate, x).cpu())
         if protected.shape == x.shape:  # a 6-channel encryption has no PSNR to the RGB image
-            values["psnr_protected"].append(psnr(protected, x).cpu())
-            values["ssim_protected"].append(ssim(protected, x).cpu())
+            values["psnr-protected"].append(psnr(protected, x).cpu())
+            values["ssim-protected"].append(ssim(protected, x).cpu())
     per_image = {k: torch.cat(v) for k, v in values.items() if v}
-    return {**{k: summary(v) for k, v in per_image.items()}, "per_image": {k: v.tolist() for k, v in per_image.items()}}
+    return {**{k: summary(v) for k, v in per_image.items()}, "per-image": {k: v.tolist() for k, v in per_image.items()}}
 
 
 def load_inverse_net(path: str | Path) -> nn.Module:

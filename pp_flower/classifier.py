@@ -125,11 +125,11 @@ def train_classifier(splits: Splits, out_dir: str | Path, cfg: ClassifierConfig,
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        return {"train_loss": loss.item()}
+        return {"train-loss": loss.item()}
 
     def validate() -> dict[str, float]:
         val = evaluate(model, splits.val, device, desc="validation", cfg=cfg, ids=splits.val_ids)
-        return {"val_loss": val["loss"], "val_accuracy": val["accuracy"]}
+        return {"val-loss": val["loss"], "val-accuracy": val["accuracy"]}
 
     def save_best(epoch: int, val: dict) -> None:
         save_atomic(classifier_blob(model, cfg.arch, num_classes, baseline=cfg.baseline, key=cfg.key, epoch=epoch,
@@ -144,10 +144,10 @@ def train_classifier(splits: Splits, out_dir: str | Path, cfg: ClassifierConfig,
     best, _ = _load_best(out / "best.pt", device)
     test = evaluate(best, splits.test, device, desc="test", cfg=cfg, ids=splits.test_ids + len(splits.train_all))
     metrics = {"arch": cfg.arch, "baseline": cfg.baseline or "none", "key": cfg.key, "config": asdict(cfg),
-               "test_accuracy": test["accuracy"], "test_loss": test["loss"],
-               "best_val_loss": state["best_val_loss"], "best_epoch": state["best_epoch"], "history": state["history"],
-               "n_train": len(splits.train), "n_val": len(splits.val), "n_test": len(splits.test),
-               "wall_seconds_this_session": state["wall_seconds_this_session"], "checkpoint": str(out / "best.pt")}
+               "test-accuracy": test["accuracy"], "test-loss": test["loss"],
+               "best-val-loss": state["best-val-loss"], "best-epoch": state["best-epoch"], "history": state["history"],
+               "n-train": len(splits.train), "n-val": len(splits.val), "n-test": len(splits.test),
+               "wall-seconds-this-session": state["wall-seconds-this-session"], "checkpoint": str(out / "best.pt")}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     log(f"test accuracy {test['accuracy']:.4f} (best.pt, {len(splits.test)} images) → {out / 'metrics.json'}")
     return metrics

@@ -115,11 +115,11 @@ def attack_targets(transform=None, run_dir=None, out=None, cfg=None, strong=Fals
         tag, r = done.parent.name, json.loads(done.read_text())
         results[tag] = r
         name, attacker = tag.rsplit("-", 1) if tag.endswith(("-ITN", "-ITN+feat")) else (tag, "ITN")
-        if attacker == "ITN" and "psnr_protected" in r["per_image"]:
-            boxes[f"{name}\nprotected"] = r["per_image"]["psnr_protected"]
-        boxes[f"{name}\n{attacker} estimate"] = r["per_image"]["psnr_estimated"]
+        if attacker == "ITN" and "psnr-protected" in r["per-image"]:
+            boxes[f"{name}\nprotected"] = r["per-image"]["psnr-protected"]
+        boxes[f"{name}\n{attacker} estimate"] = r["per-image"]["psnr-estimated"]
     save_psnr_boxplot(boxes, out / "fig7_psnr_boxplot.png", title="PSNR to the plain test images (higher = more leaked)")
-    summary = {tag: {k: r[k] for k in ("psnr_estimated", "psnr_protected", "ssim_estimated", "ssim_protected")
+    summary = {tag: {k: r[k] for k in ("psnr-estimated", "psnr-protected", "ssim-estimated", "ssim-protected")
                      if k in r} for tag, r in results.items()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     log(f"attack results → {out}/summary.json, box plot → {out}/fig7_psnr_boxplot.png")

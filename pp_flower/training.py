@@ -87,11 +87,11 @@ def fit(job: Job, out_dir: str | Path, log: Callable[[str], None] = print) -> di
     """Train ``job`` to ``job.epochs``, resuming from ``out_dir/last.pt``; returns the run's progress record.
 
     The record holds ``history`` (one entry per epoch: lr, mean train losses, validation metrics),
-    ``best_val_loss``, ``best_epoch`` and ``wall_seconds_this_session``.
+    ``best-val-loss``, ``best-epoch`` and ``wall-seconds-this-session`` (metric keys use hyphens, as Flower's do).
     """
     last = Path(out_dir) / "last.pt"
-    progress: dict[str, Any] = {"epoch": 0, "step": 0, "history": [], "best_val_loss": float("inf"),
-                                "best_epoch": 0, "sums": {}, "seen": 0}
+    progress: dict[str, Any] = {"epoch": 0, "step": 0, "history": [], "best-val-loss": float("inf"),
+                                "best-epoch": 0, "sums": {}, "seen": 0}
     if (blob := load_resume_point(last, job.kind, job.config, job.desc)) is not None:
         for name, module in job.modules.items():
             module.load_state_dict(blob[name])
@@ -132,8 +132,8 @@ def fit(job: Job, out_dir: str | Path, log: Callable[[str], None] = print) -> di
                 module.eval()
             val = job.validate()
             record.update(val)
-            if val["val_loss"] < progress["best_val_loss"]:
-                progress.update(best_val_loss=val["val_loss"], best_epoch=epoch + 1)
+            if val["val-loss"] < progress["best-val-loss"]:
+                progress.update({"best-val-loss": val["val-loss"], "best-epoch": epoch + 1})
                 if job.save_best is not None:
                     job.save_best(epoch + 1, val)
         progress["history"].append(record)
@@ -141,4 +141,4 @@ def fit(job: Job, out_dir: str | Path, log: Callable[[str], None] = print) -> di
             f"{k} {v:.4g}" for k, v in record.items() if k not in ("epoch",)))
         progress.update(epoch=epoch + 1, step=0, sums={}, seen=0)
         checkpoint()
-    return {**progress, "wall_seconds_this_session": time.time() - started}
+    return {**progress, "wall-seconds-this-session": time.time() - started}

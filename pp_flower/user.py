@@ -320,19 +320,19 @@ class LiveUser:
         ids = self.ids["test"][: len(acc["correct"])]
         accuracy = acc["correct"].double().mean().item()  # the provider says right/wrong; no labels here
         metrics = {
-            "user": self.index, "alpha": self.cfg.alpha, "test_accuracy": accuracy, "n_test": len(ids),
-            "protected_psnr": summary(acc["psnr"]), "protected_ssim": summary(acc["ssim"]),
-            "test_feature_loss": acc["feat"].mean().item(),
-            "val_transform_loss_curve": list(self.progress["val-curve"]),
-            "best_epoch": int(self.progress["best-epoch"]), "steps": int(self.progress["step"]),
-            "train_feature_loss_curve": list(self.progress["feature-losses"]),
-            "graph_mode": self.graph_mode,
+            "user": self.index, "alpha": self.cfg.alpha, "test-accuracy": accuracy, "n-test": len(ids),
+            "protected-psnr": summary(acc["psnr"]), "protected-ssim": summary(acc["ssim"]),
+            "test-feature-loss": acc["feat"].mean().item(),
+            "val-transform-loss-curve": list(self.progress["val-curve"]),
+            "best-epoch": int(self.progress["best-epoch"]), "steps": int(self.progress["step"]),
+            "train-feature-loss-curve": list(self.progress["feature-losses"]),
+            "graph-mode": self.graph_mode,
         }
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         self._write_grid(ids[:8])
-        return {"test-accuracy": accuracy, "protected-psnr": metrics["protected_psnr"]["mean"],
-                "protected-ssim": metrics["protected_ssim"]["mean"]}
+        return {"test-accuracy": accuracy, "protected-psnr": metrics["protected-psnr"]["mean"],
+                "protected-ssim": metrics["protected-ssim"]["mean"]}
 
     def _write_grid(self, ids: torch.Tensor) -> None:
         from pp_flower.report import save_pairs_grid

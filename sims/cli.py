@@ -82,7 +82,7 @@ def train_classifier_cmd(
                            checkpoint_every=checkpoint_every, baseline=baseline, key=key,
                            transform=str(transform or ""))
     metrics = train_classifier(splits, out, cfg, device=resolve_device(device), log=console.print)
-    console.print(f"[bold green]ψ ({model}) test accuracy: {metrics['test_accuracy']:.4f}[/]")
+    console.print(f"[bold green]ψ ({model}) test accuracy: {metrics['test-accuracy']:.4f}[/]")
 
 
 @app.command("train-gan")
@@ -237,8 +237,8 @@ def deploy_local_cmd(
     result = deploy_local(users, workdir, overrides, secure=not insecure, log=console.print, timeout=timeout,
                           stream=lambda line: console.out(line, highlight=False))
     for name, m in result["users"].items():
-        console.print(f"{name}: test accuracy {m['test_accuracy']:.4f}, protected PSNR "
-                      f"{m['protected_psnr']['median']:.2f} dB (median)")
+        console.print(f"{name}: test accuracy {m['test-accuracy']:.4f}, protected PSNR "
+                      f"{m['protected-psnr']['median']:.2f} dB (median)")
     console.print(f"[bold green]provider summary → {result['workdir']}/provider/run.json[/]")
 
 

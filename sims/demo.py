@@ -67,15 +67,15 @@ def run_demo(out: Path, data_dir=None, vgg_weights=None, device: str = "cpu", lo
     table = Table(title="pp-flower demo (CPU scale)")
     for col in ("", "test accuracy through ψ", "PSNR(plain, protected) dB", "SSIM", "ITN-Attack PSNR (median) dB"):
         table.add_column(col)
-    table.add_row("plain images", f"{clf_metrics['test_accuracy']:.4f}", "∞", "1", "")
-    report = {"classifier": clf_metrics["test_accuracy"], "users": []}
+    table.add_row("plain images", f"{clf_metrics['test-accuracy']:.4f}", "∞", "1", "")
+    report = {"classifier": clf_metrics["test-accuracy"], "users": []}
     for user in run["users"]:
         metrics = json.loads((sim_dir / f"user-{user['index']}" / "metrics.json").read_text())
-        itn = attacks[f"user-{user['index']}-ITN"]["psnr_estimated"]["median"]
-        table.add_row(f"user {user['index']} (α={cfg.alpha:g})", f"{metrics['test_accuracy']:.4f}",
-                      f"{metrics['protected_psnr']['mean']:.2f}", f"{metrics['protected_ssim']['mean']:.3f}",
+        itn = attacks[f"user-{user['index']}-ITN"]["psnr-estimated"]["median"]
+        table.add_row(f"user {user['index']} (α={cfg.alpha:g})", f"{metrics['test-accuracy']:.4f}",
+                      f"{metrics['protected-psnr']['mean']:.2f}", f"{metrics['protected-ssim']['mean']:.3f}",
                       f"{itn:.2f}")
-        report["users"].append({**metrics, "itn_attack_psnr_median": itn})
+        report["users"].append({**metrics, "itn-attack-psnr-median": itn})
     log(table)
     log(f"Figures: {sim_dir}/user-*/fig5_alpha{cfg.alpha:g}.png (plain vs protected), "
         f"{out}/attack/user-*-ITN/fig6.png (attack estimates), {out}/attack/fig7_psnr_boxplot.png")

@@ -145,8 +145,8 @@ class Reproduction:
         try:
             run()
         finally:
-            entry = self.stages.setdefault(name, {"wall_seconds": 0.0, "attempts": 0})
-            entry["wall_seconds"] += time.time() - started
+            entry = self.stages.setdefault(name, {"wall-seconds": 0.0, "attempts": 0})
+            entry["wall-seconds"] += time.time() - started
             entry["attempts"] += 1
             entry["finished"] = done.exists()
             if command:
@@ -235,13 +235,13 @@ class Reproduction:
         for arch in p.archs:
             col = columns.setdefault(arch, {})
             psi = self.classifier(arch)
-            col["plain"] = {"accuracy": _json(psi / "metrics.json")["test_accuracy"]}
+            col["plain"] = {"accuracy": _json(psi / "metrics.json")["test-accuracy"]}
             for alpha in p.alphas:
                 run_dir = self.transform(arch, alpha, psi)
                 user = _json(run_dir / "user-0" / "metrics.json")
-                col[_row_key(alpha)] = {"accuracy": user["test_accuracy"],
-                                        "accuracy_per_user": [
-                                            _json(d / "metrics.json")["test_accuracy"]
+                col[_row_key(alpha)] = {"accuracy": user["test-accuracy"],
+                                        "accuracy-per-user": [
+                                            _json(d / "metrics.json")["test-accuracy"]
                                             for d in sorted(run_dir.glob("user-*"))]}
                 if arch == p.archs[0]:
                     transforms[_row_key(alpha)] = run_dir / "user-0" / "best.pt"
@@ -251,7 +251,7 @@ class Reproduction:
                     generator = str(self.gan() / "transform.pt")
                     transforms.setdefault("gan", Path(generator))
                 psi_b = self.classifier(arch, baseline, generator)
-                col[baseline] = {"accuracy": _json(psi_b / "metrics.json")["test_accuracy"],
+                col[baseline] = {"accuracy": _json(psi_b / "metrics.json")["test-accuracy"],
                                  "key": BASELINE_KEYS.get(baseline, GAN_TARGET_KEY if baseline == "gan" else None)}
 
         attacks = {}
@@ -278,21 +278,21 @@ class Reproduction:
                 entry[arch] = {"measured": round(100 * measured, 2), "paper": PAPER_ACCURACY[row][arch]}
                 if "key" in columns[arch][row]:
                     entry["key"] = columns[arch][row]["key"]
-                if "accuracy_per_user" in columns[arch][row]:
-                    entry[arch]["per_user"] = [round(100 * a, 2) for a in columns[arch][row]["accuracy_per_user"]]
+                if "accuracy-per-user" in columns[arch][row]:
+                    entry[arch]["per-user"] = [round(100 * a, 2) for a in columns[arch][row]["accuracy-per-user"]]
             if row in attack_results:
                 r = attack_results[row]
-                entry["protected_psnr"] = r.get("psnr_protected")
-                entry["protected_ssim"] = r.get("ssim_protected")
-                entry["itn_psnr"] = r["psnr_estimated"]
-                entry["itn_ssim"] = r["ssim_estimated"]
+                entry["protected-psnr"] = r.get("psnr-protected")
+                entry["protected-ssim"] = r.get("ssim-protected")
+                entry["itn-psnr"] = r["psnr-estimated"]
+                entry["itn-ssim"] = r["ssim-estimated"]
             table.append(entry)
 
         self.copy_stage_outputs(columns, attacks)
-        total_wall = sum(s["wall_seconds"] for s in self.stages.values())
+        total_wall = sum(s["wall-seconds"] for s in self.stages.values())
         meta = {"preset": asdict(p), "command": " ".join(["ppflower", "reproduce", "--preset", p.name]),
                 "commit": _git_commit(), "machine": _machine(), "device": self.device,
-                "wall_seconds_all_stages": round(total_wall, 1), "wall_seconds_this_invocation": round(wall, 1),
+                "wall-seconds-all-stages": round(total_wall, 1), "wall-seconds-this-invocation": round(wall, 1),
                 "stages": self.stages, "data": portable(str(self.data_dir or "torchvision CIFAR-10"))}
         (self.out / "table1.json").write_text(json.dumps({"meta": meta, "rows": table}, indent=2))
         (self.out / "table1.md").write_text(_markdown(table, p, meta))
@@ -301,10 +301,10 @@ class Reproduction:
         boxes = {}
         for row in rows:
             if row in attack_results:
-                per = attack_results[row]["per_image"]
-                if "psnr_protected" in per:
-                    boxes[f"{row}\nprotected"] = per["psnr_protected"]
-                boxes[f"{row}\nITN estimate"] = per["psnr_estimated"]
+                per = attack_results[row]["per-image"]
+                if "psnr-protected" in per:
+                    boxes[f"{row}\nprotected"] = per["psnr-protected"]
+                boxes[f"{row}\nITN estimate"] = per["psnr-estimated"]
         save_psnr_boxplot(boxes, self.out / "fig7_psnr_boxplot.png",
                           title="PSNR to the plain test images: protected images and ITN-Attack estimates")
         self.figures(transforms, attacks)
@@ -389,10 +389,10 @@ def _markdown(table: list[dict], p: Preset, meta: dict) -> str:
                                 if e["row"] == "gan" else f" (key {key})")]
         for arch in p.archs:
             cells += [_fmt(e[arch]["measured"]), _fmt(e[arch]["paper"])]
-        prot = e.get("protected_psnr")
+        prot = e.get("protected-psnr")
         cells += [("—" if e["row"] == "plain" else "n/a (6 channels)") if prot is None else _fmt(prot["median"]),
-                  _fmt(e["itn_psnr"]["median"]) if "itn_psnr" in e else "—",
-                  _fmt(e["itn_ssim"]["median"], 3) if "itn_ssim" in e else "—"]
+                  _fmt(e["itn-psnr"]["median"]) if "itn-psnr" in e else "—",
+                  _fmt(e["itn-ssim"]["median"], 3) if "itn-ssim" in e else "—"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Paper columns: the numbers printed in the paper's Table I; — where the paper gives none. "
               "Every measured cell comes from this run's JSON files (`table1.json`, `attack/*.json`).", "",
@@ -400,7 +400,7 @@ def _markdown(table: list[dict], p: Preset, meta: dict) -> str:
               f"- Command: `{meta['command']}`",
               f"- Commit: `{meta['commit']}`",
               f"- Machine: {meta['machine']} (device: {meta['device']})",
-              f"- Wall time, all stages: {meta['wall_seconds_all_stages'] / 60:.1f} min "
+              f"- Wall time, all stages: {meta['wall-seconds-all-stages'] / 60:.1f} min "
               f"(per stage in `stages.json`)",
               f"- Data: {meta['data']}", ""]
     return "\n".join(lines)

@@ -104,9 +104,9 @@ class ProviderStrategy(Strategy):
             on_gpu = next(classifier.parameters()).device.type == "cuda"
             self.microbatch = 0 if on_gpu else 128  # per training round: wall seconds and images trained
         self.result = Result()
-        self.timing = {"train_seconds": 0.0, "wait": 0.0, "user_compute_critical": 0.0, "user_compute_total": 0.0,
-                       "provider_compute": 0.0, "steps": 0, "train_images": 0, "bytes_to_provider": 0,
-                       "bytes_to_users": 0}
+        self.timing = {"train-seconds": 0.0, "wait": 0.0, "user-compute-critical": 0.0, "user-compute-total": 0.0,
+                       "provider-compute": 0.0, "steps": 0, "train-images": 0, "bytes-to-provider": 0,
+                       "bytes-to-users": 0}
 
     @classmethod
     def from_config(cls, cfg: AppConfig, message_log: MessageLog | None = None) -> "ProviderStrategy":
@@ -170,7 +170,7 @@ class ProviderStrategy(Strategy):
     def _record(self, direction: str, msg: Message, phase: str) -> None:
         if msg.has_content() and phase == "train":
             n = sum(len(a.data) for rec in msg.content.array_records.values() for a in rec.values())
-            self.timing["bytes_to_users" if direction == "to-users" else "bytes_to_provider"] += n
+            self.timing["bytes-to-users" if direction == "to-users" else "bytes-to-provider"] += n
         if self.message_log is not None:
             self.message_log(direction, msg)
 
@@ -355,7 +355,7 @@ class ProviderStrategy(Strategy):
         try:
             self._train_epoch(grid, epoch)
         finally:
-            self.timing["train_seconds"] += time.perf_counter() - started
+            self.timing["train-seconds"] += time.perf_counter() - started
 
     def _train_epoch(self, grid: Grid, epoch: int) -> None:
         end = (epoch + 1) * self.steps_per_epoch
@@ -406,8 +406,8 @@ class ProviderStrategy(Strategy):
         computes = [float(r.content.metric_records[P.METRICS].get("compute-seconds", 0.0))
                     for r in by_node.values() if not r.has_error() and P.METRICS in r.content.metric_records]
         user_critical = max(computes, default=0.0)
-        self.timing["user_compute_critical"] += user_critical
-        self.timing["user_compute_total"] += sum(computes)
+        self.timing["user-compute-critical"] += user_critical
+        self.timing["user-compute-total"] += sum(computes)
         end = self._round_end
         submissions = []
         for user in self._round_users:
@@ -449,14 +449,14 @@ class ProviderStrategy(Strategy):
             for (user, sub), g, loss in zip(submissions, grads, losses):
                 user.pending = Pending(sub.batch, g, loss)
                 user.class_losses.append(loss)
-                self.timing["train_images"] += len(sub.ids)
+                self.timing["train-images"] += len(sub.ids)
             self.bar.advance(len(submissions))
             provider_seconds = time.perf_counter() - t0
-            self.timing["provider_compute"] += provider_seconds
+            self.timing["provider-compute"] += provider_seconds
             metrics = MetricRecord({f"user-{u.index}/train-class-loss": loss
                                     for (u, _), loss in zip(submissions, losses)})
-        self._round = {"images": sum(len(s.ids) for _, s in submissions), "user_compute": user_critical,
-                       "provider_compute": provider_seconds}
+        self._round = {"images": sum(len(s.ids) for _, s in submissions), "user-compute": user_critical,
+                       "provider-compute": provider_seconds}
         return None, metrics
 
     def average(self, grid: Grid) -> None:
@@ -568,7 +568,7 @@ class ProviderStrategy(Strategy):
                     # only right/wrong goes back: the user needs no labels to know its accuracy
                     results[user.node_id] = {"correct": (part.argmax(1) == self.test_labels[sub.ids]).to(torch.uint8)}
                 progress[user.node_id] += 1
-            self.timing["provider_compute"] += time.perf_counter() - t0
+            self.timing["provider-compute"] += time.perf_counter() - t0
         return MetricRecord(self._per_user(finished)) if finished else None
 
     def run_summary(self, wall: float) -> dict:
@@ -576,13 +576,13 @@ class ProviderStrategy(Strategy):
         t = self.timing
         return {
             "config": self.cfg.to_run_config(),
-            "wall_seconds": wall,
-            "steps_per_epoch": self.steps_per_epoch,
-            "timing": {**t, "bytes_per_train_image": (t["bytes_to_provider"] + t["bytes_to_users"])
-                       / max(t["train_images"], 1)},
+            "wall-seconds": wall,
+            "steps-per-epoch": self.steps_per_epoch,
+            "timing": {**t, "bytes-per-train-image": (t["bytes-to-provider"] + t["bytes-to-users"])
+                       / max(t["train-images"], 1)},
             "rounds": self.rounds,
-            "users": [{"index": u.index, "node_id": u.node_id, "active": u.active, "steps_applied": u.applied,
-                       "dropped_steps": u.dropped_steps, "rejoins": u.rejoins, "train_class_loss_curve": u.class_losses,
+            "users": [{"index": u.index, "node_id": u.node_id, "active": u.active, "steps-applied": u.applied,
+                       "dropped-steps": u.dropped_steps, "rejoins": u.rejoins, "train-class-loss-curve": u.class_losses,
                        "val": u.val_metrics, "test": u.final_metrics}
                       for u in sorted(self.users.values(), key=lambda u: u.index)],
         }

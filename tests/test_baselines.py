@@ -67,7 +67,7 @@ def test_baselines_are_attack_targets(tmp_path, data_dir):
                              limit_eval=64, log=lambda *a: None)
     assert list(summary) == ["tanaka-key3-ITN"]  # the key is part of the stored result's name
     result = json.loads((tmp_path / "tanaka-key3-ITN" / "attack.json").read_text())
-    assert len(result["per_image"]["psnr_estimated"]) == 64 and result["target"] == "tanaka-key3 (ITN)"
+    assert len(result["per-image"]["psnr-estimated"]) == 64 and result["target"] == "tanaka-key3 (ITN)"
     with pytest.raises(PPFlowerError, match="Unknown baseline 'rot13'"):
         attack_targets(baseline="rot13", key=1, out=tmp_path, cfg=cfg, data_dir=data_dir, log=lambda *a: None)
 
@@ -83,7 +83,7 @@ def test_classifier_trains_on_encrypted_images(baseline, tmp_path, data_dir):
     small = load_splits(data_dir, limit_train=256, limit_eval=64)
     cfg = ClassifierConfig(epochs=1, batch_size=64, baseline=baseline, key=5)
     metrics = train_classifier(small, tmp_path, cfg, log=lambda *a: None)
-    assert metrics["baseline"] == baseline and metrics["key"] == 5 and 0 <= metrics["test_accuracy"] <= 1
+    assert metrics["baseline"] == baseline and metrics["key"] == 5 and 0 <= metrics["test-accuracy"] <= 1
     model, blob = load_classifier(tmp_path / "best.pt")
     assert blob["baseline"] == baseline and blob["key"] == 5
     x = model_input(small.test.images[:4], small.test_ids[:4], cfg)
@@ -114,7 +114,7 @@ def test_gan_transformation_learns_its_target_and_is_a_transform_net(tmp_path, d
     small = load_splits(data_dir, limit_train=1024, limit_eval=16)
     cfg = GanConfig(epochs=2, batch_size=64, unet_base=8, lr=2e-3, key=4)
     metrics = train_gan_transform(small, tmp_path, cfg, log=lambda *a: None)
-    l1 = [h["loss_g_l1"] for h in metrics["history"]]
+    l1 = [h["loss-g-l1"] for h in metrics["history"]]
     print("GAN L1 per epoch", l1)
     assert l1[-1] < 0.9 * l1[0], l1
     generator, blob = load_transform_net(tmp_path / "transform.pt")

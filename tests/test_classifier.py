@@ -21,8 +21,8 @@ def _cli(out, *extra):
 
 def test_train_classifier_writes_checkpoint_and_metrics(classifier_ckpt):
     metrics = json.loads((classifier_ckpt.parent / "metrics.json").read_text())
-    assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["n_test"] == 200
-    assert len(metrics["history"]) == 1 and "val_loss" in metrics["history"][0]
+    assert 0.0 <= metrics["test-accuracy"] <= 1.0 and metrics["n-test"] == 200
+    assert len(metrics["history"]) == 1 and "val-loss" in metrics["history"][0]
     model, blob = load_classifier(classifier_ckpt)
     assert blob["arch"] == "resnet20" and not model.training
 

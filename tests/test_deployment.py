@@ -47,7 +47,7 @@ def test_tls_and_auth_run_completes_and_unregistered_nodes_are_refused(tmp_path,
         node_logs = [dep.logtext(f"supernode-{k}") for k in range(2)]
 
     run = json.loads((run_dir / "run.json").read_text())
-    assert [u["steps_applied"] for u in run["users"]] == [2, 2]  # 48 images / 2 users / batch 16 = 2 steps each
+    assert [u["steps-applied"] for u in run["users"]] == [2, 2]  # 48 images / 2 users / batch 16 = 2 steps each
     assert all(u["test"]["test-accuracy"] >= 0 for u in run["users"])
     outputs = sorted((tmp_path / "dep" / "nodes").glob("supernode-*/metrics.json"))
     assert len(outputs) == 2 and sorted(json.loads(p.read_text())["user"] for p in outputs) == [0, 1]
@@ -93,12 +93,12 @@ def test_killed_supernode_is_dropped_and_rejoins_after_restart(tmp_path, classif
         provider_log = (dep.workdir / "flwr-run.log").read_text()
     assert rc == 0 and "killed" in events and "restarted" in events
     run = json.loads((run_dir / "run.json").read_text())
-    victim = max(run["users"], key=lambda u: len(u["dropped_steps"]))
-    survivor = min(run["users"], key=lambda u: len(u["dropped_steps"]))
-    assert survivor["steps_applied"] == 12 and survivor["test"], survivor  # 384 / 2 / 16 = 12 steps
-    assert victim["dropped_steps"], victim                                 # dropped while its node was down …
+    victim = max(run["users"], key=lambda u: len(u["dropped-steps"]))
+    survivor = min(run["users"], key=lambda u: len(u["dropped-steps"]))
+    assert survivor["steps-applied"] == 12 and survivor["test"], survivor  # 384 / 2 / 16 = 12 steps
+    assert victim["dropped-steps"], victim                                 # dropped while its node was down …
     assert victim["rejoins"] and victim["rejoins"][0][2] >= 1, victim      # … and back, from its resume point
-    assert victim["steps_applied"] == 12 and victim["test"], victim        # it finished its epoch and the test
+    assert victim["steps-applied"] == 12 and victim["test"], victim        # it finished its epoch and the test
     assert "dropped from this step" in provider_log and "rejoined" in provider_log
 
 
@@ -152,7 +152,7 @@ def test_killed_trainer_is_restarted_and_the_user_replays_to_a_fault_free_runs_w
     assert "restarting it" in node_log and restarted not in (None, events["killed"])
     run = json.loads((tmp_path / "provider" / "run.json").read_text())
     assert any(u["rejoins"] for u in run["users"]), run["users"]
-    assert all(u["steps_applied"] == 6 and u["active"] for u in run["users"])
+    assert all(u["steps-applied"] == 6 and u["active"] for u in run["users"])
 
     sim_config = AppConfig.from_run_config({**_run_config(classifier_ckpt, tmp_path / "sim", **overrides),
                                             "min-users": 0}).to_run_config()

@@ -56,7 +56,7 @@ def test_flower_steps_equal_in_process_steps(tmp_path, classifier_ckpt, splits, 
     start = init_transform_net(4, 2, cfg.seed, 0).state_dict()
     assert max((ref[k] - start[k]).abs().max().item() for k in params) > 1e-3  # training really moved θ
     run = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert run["users"][0]["steps_applied"] == 6 and run["users"][0]["dropped_steps"] == []
+    assert run["users"][0]["steps-applied"] == 6 and run["users"][0]["dropped-steps"] == []
 
     # validation and test through the protocol equal the same quantities computed in-process
     from pp_flower.data import to_float
@@ -77,9 +77,9 @@ def test_flower_steps_equal_in_process_steps(tmp_path, classifier_ckpt, splits, 
         protected = best(x_test)
         accuracy = (classifier(protected).argmax(1) == splits.test_all.labels[splits.test_ids[:20]]).double().mean()
     metrics = json.loads((tmp_path / "run" / "user-0" / "metrics.json").read_text())
-    assert metrics["graph_mode"] == {"keep": "kept", "recompute": "recomputed"}[keep_graph]
-    assert metrics["test_accuracy"] == pytest.approx(accuracy.item())
-    assert metrics["protected_psnr"]["mean"] == pytest.approx(psnr(protected, x_test).mean().item(), rel=1e-4)
+    assert metrics["graph-mode"] == {"keep": "kept", "recompute": "recomputed"}[keep_graph]
+    assert metrics["test-accuracy"] == pytest.approx(accuracy.item())
+    assert metrics["protected-psnr"]["mean"] == pytest.approx(psnr(protected, x_test).mean().item(), rel=1e-4)
 
 
 def test_privacy_audit_on_every_message(two_user_run, splits, classifier_ckpt):
@@ -113,9 +113,9 @@ def test_privacy_audit_on_every_message(two_user_run, splits, classifier_ckpt):
     for k in (0, 1):
         user_dir = run_dir / f"user-{k}"
         metrics = json.loads((user_dir / "metrics.json").read_text())
-        assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["n_test"] == 20
-        assert len(metrics["val_transform_loss_curve"]) == 1
-        assert metrics["protected_psnr"]["mean"] < 30
+        assert 0.0 <= metrics["test-accuracy"] <= 1.0 and metrics["n-test"] == 20
+        assert len(metrics["val-transform-loss-curve"]) == 1
+        assert metrics["protected-psnr"]["mean"] < 30
         assert (user_dir / "best.pt").exists() and (user_dir / "fig5_alpha0.01.png").stat().st_size > 1000
 
 
@@ -190,10 +190,10 @@ def test_faulty_user_is_dropped_for_a_step_and_malformed_reply_refused(tmp_path,
     simulate(server_app, faulty_app.app, 2, _config(tmp_path, classifier_ckpt, **{"limit-train": 96}))
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     user0, user1 = run["users"]
-    assert any("injected failure" in reason for _, reason in user1["dropped_steps"])
-    assert any("NaN" in reason and step == 1 for step, reason in user0["dropped_steps"])
+    assert any("injected failure" in reason for _, reason in user1["dropped-steps"])
+    assert any("NaN" in reason and step == 1 for step, reason in user0["dropped-steps"])
     for user in (user0, user1):  # both rejoin and finish every step; both are tested
-        assert user["active"] and user["steps_applied"] == 3
+        assert user["active"] and user["steps-applied"] == 3
         assert 0.0 <= user["test"]["test-accuracy"] <= 1.0
 
 
@@ -211,7 +211,7 @@ def test_flower_simulation_cli_writes_outputs(tmp_path, classifier_ckpt):
         d = tmp_path / "cli" / f"user-{k}"
         assert {"best.pt", "final.pt", "metrics.json", "fig5_alpha0.01.png"} <= {p.name for p in d.iterdir()}
     run = json.loads((tmp_path / "cli" / "run.json").read_text())
-    assert run["timing"]["train_images"] == 48 and run["timing"]["bytes_per_train_image"] > 0
+    assert run["timing"]["train-images"] == 48 and run["timing"]["bytes-per-train-image"] > 0
 
 
 def test_missing_classifier_is_a_clear_error_before_any_round(tmp_path):
@@ -239,7 +239,7 @@ def test_fedavg_gives_every_user_the_public_transform_net(tmp_path, classifier_c
         for user in users:
             assert torch.equal(user.state_dict()[name], value), name
     run = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert all(u["steps_applied"] == 2 and not u["dropped_steps"] for u in run["users"])
+    assert all(u["steps-applied"] == 2 and not u["dropped-steps"] for u in run["users"])
 
 
 def test_pyproject_run_config_mirrors_app_defaults():
@@ -269,7 +269,7 @@ def test_flwr_run_dot_runs_the_same_app(tmp_path, classifier_ckpt):
         subprocess.run(["pkill", "-f", str(flwr_home)], check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     run = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert [u["steps_applied"] for u in run["users"]] == [2, 2]  # 2 simulated SuperNodes, 24 images = 2 batches each
+    assert [u["steps-applied"] for u in run["users"]] == [2, 2]  # 2 simulated SuperNodes, 24 images = 2 batches each
     assert all((tmp_path / "run" / f"user-{k}" / "metrics.json").exists() for k in (0, 1))
 
 

@@ -52,7 +52,7 @@ def test_killed_trainer_resumes_and_replays_to_a_fault_free_runs_weights(tmp_pat
     faulty = json.loads((tmp_path / "faulty" / "run.json").read_text())
     rejoined = [u for u in faulty["users"] if u["rejoins"]]
     assert rejoined, faulty["users"]  # someone lost its live state and came back from its resume point …
-    assert all(u["steps_applied"] == 6 and u["active"] for u in faulty["users"])  # … and every user finished
+    assert all(u["steps-applied"] == 6 and u["active"] for u in faulty["users"])  # … and every user finished
     for k in (0, 1):
         clean, got = _final_weights(tmp_path / "clean", k), _final_weights(tmp_path / "faulty", k)
         worst = max((clean[n].double() - got[n].double()).abs().max().item() for n in clean)

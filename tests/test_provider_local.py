@@ -92,14 +92,14 @@ def test_lost_message_drops_the_user_for_one_step_and_changes_nothing(tmp_path, 
     faulty, grid, _ = _run(tmp_path, classifier_ckpt, "faulty", lose_once, mode=mode)
     assert grid.lost == 1
     user = faulty["users"][1]
-    assert [reason for _, reason in user["dropped_steps"]] == ["no reply within 0.3 s"]
-    assert user["active"] and user["steps_applied"] == clean["users"][1]["steps_applied"] == 2
+    assert [reason for _, reason in user["dropped-steps"]] == ["no reply within 0.3 s"]
+    assert user["active"] and user["steps-applied"] == clean["users"][1]["steps-applied"] == 2
     # the user rejoined from its own state: same weights as in the run without the lost message
     a, _ = load_transform_net(tmp_path / "clean" / "user-1" / "final.pt")
     b, _ = load_transform_net(tmp_path / "faulty" / "user-1" / "final.pt")
     for key, value in a.state_dict().items():
         assert torch.equal(value, b.state_dict()[key]), key
-    assert json.loads((tmp_path / "faulty" / "run.json").read_text())["users"][0]["dropped_steps"] == []
+    assert json.loads((tmp_path / "faulty" / "run.json").read_text())["users"][0]["dropped-steps"] == []
 
 
 def test_provider_is_a_flower_strategy_returning_flowers_result(tmp_path, classifier_ckpt, task_identity):
@@ -109,12 +109,12 @@ def test_provider_is_a_flower_strategy_returning_flowers_result(tmp_path, classi
     assert issubclass(ProviderStrategy, flwr_strategy.Strategy)
     summary, _, result = _run(tmp_path, classifier_ckpt, "run")
     assert isinstance(result, flwr_strategy.Result)
-    steps = summary["steps_per_epoch"]
+    steps = summary["steps-per-epoch"]
     # one training round per SGD step of the users, each with every user's L_class of that step, as in run.json
     assert sorted(result.train_metrics_clientapp) == list(range(1, steps + 1))
     for k, user in enumerate(summary["users"]):
         losses = [result.train_metrics_clientapp[r][f"user-{k}/train-class-loss"] for r in range(1, steps + 1)]
-        assert losses == pytest.approx(user["train_class_loss_curve"])
+        assert losses == pytest.approx(user["train-class-loss-curve"])
     # validation after the epoch, then the test: the users' own metrics, keyed by user
     (val_round, val), (test_round, test) = sorted(result.evaluate_metrics_clientapp.items())
     assert (val_round, test_round) == (steps + 1, steps + 2)  # the last training round only applies gradients

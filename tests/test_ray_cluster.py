@@ -48,7 +48,7 @@ def test_simulation_runs_on_a_separately_started_ray_head(tmp_path, classifier_c
         assert list(logs.glob(f"python-core-driver-*_{sim.pid}.log")), sorted(p.name for p in logs.iterdir())
         assert any("ClientAppActor" in p.read_text(errors="replace") for p in logs.glob("worker-*.err"))
         run = json.loads((run_dir / "run.json").read_text())
-        assert [u["steps_applied"] for u in run["users"]] == [2, 2]
+        assert [u["steps-applied"] for u in run["users"]] == [2, 2]
         assert all(u["test"] for u in run["users"])
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops the cluster's processes on SIGTERM

@@ -15,17 +15,17 @@ def test_smoke_preset_table_is_measured_and_resumable(tmp_path, data_dir, vgg_we
     # accuracies: exactly the stage outputs (ψ metrics, the user's metrics from the Flower run)
     for row, stage in [("plain", "psi-resnet20"), ("tanaka", "psi-resnet20-tanaka"), ("pixel", "psi-resnet20-pixel"),
                        ("pixel-per-image", "psi-resnet20-pixel-per-image"), ("gan", "psi-resnet20-gan")]:
-        measured = json.loads((out / f"{stage}.json").read_text())["test_accuracy"]
+        measured = json.loads((out / f"{stage}.json").read_text())["test-accuracy"]
         assert rows[row]["resnet20"]["measured"] == round(100 * measured, 2)
     for alpha in ("0.005", "0.1"):
         user = json.loads((out / f"transform-resnet20-a{alpha}" / "user-0.json").read_text())
-        assert rows[f"alpha{alpha}"]["resnet20"]["measured"] == round(100 * user["test_accuracy"], 2)
+        assert rows[f"alpha{alpha}"]["resnet20"]["measured"] == round(100 * user["test-accuracy"], 2)
         assert user["alpha"] == float(alpha)
     # attack rows: medians from each attack's own per-image results; Tanaka has 6 channels, no protected PSNR
     for row in ("tanaka", "pixel", "pixel-per-image", "gan", "alpha0.005", "alpha0.1"):
         attack = json.loads((out / "attack" / f"{row}.json").read_text())
-        assert rows[row]["itn_psnr"]["median"] == attack["psnr_estimated"]["median"]
-    assert rows["tanaka"]["protected_psnr"] is None and rows["pixel"]["protected_psnr"]["median"] > 0
+        assert rows[row]["itn-psnr"]["median"] == attack["psnr-estimated"]["median"]
+    assert rows["tanaka"]["protected-psnr"] is None and rows["pixel"]["protected-psnr"]["median"] > 0
     assert rows["alpha0.005"]["resnet20"]["paper"] == 91.72 and rows["gan"]["resnet20"]["paper"] is None
     table = (out / "table1.md").read_text()
     assert "Deviations from the paper" in table and f"| {rows['pixel']['resnet20']['measured']:.2f} |" in table

@@ -228,6 +228,6 @@ def test_ctrl_c_stops_a_simulation_at_once_and_the_rerun_resumes(tmp_path, class
     assert "resumed from its resume point" in again.stdout + again.stderr
     run = json.loads((run_dir / "run.json").read_text())
     user = run["users"][0]
-    assert user["steps_applied"] == 8 * 3 and stopped_at >= 4
-    assert len(json.loads((run_dir / "user-0" / "metrics.json").read_text())["val_transform_loss_curve"]) == 8
+    assert user["steps-applied"] == 8 * 3 and stopped_at >= 4
+    assert len(json.loads((run_dir / "user-0" / "metrics.json").read_text())["val-transform-loss-curve"]) == 8
     _wait_for(lambda: not _processes_with(marker), 60, "every process of the rerun to exit")

@@ -107,7 +107,7 @@ def train_gan_transform(splits: Splits, out_dir: str | Path, cfg: GanConfig, dev
         opt_g.zero_grad(set_to_none=True)
         (adv + cfg.l1_weight * l1).backward()
         opt_g.step()
-        return {"loss_d": loss_d.item(), "loss_g_adv": adv.item(), "loss_g_l1": l1.item()}
+        return {"loss-d": loss_d.item(), "loss-g-adv": adv.item(), "loss-g-l1": l1.item()}
 
     job = Job(kind="gan_state", config=asdict(cfg), modules={"generator": generator, "discriminator": discriminator},
               optimizers={"opt_g": opt_g, "opt_d": opt_d}, step=step, validate=None, save_best=None,
@@ -115,8 +115,8 @@ def train_gan_transform(splits: Splits, out_dir: str | Path, cfg: GanConfig, dev
     progress = fit(job, out, log=log)
 
     save_atomic(transform_blob(generator.cpu().eval(), baseline="gan", config=asdict(cfg)), out / "transform.pt")
-    metrics = {"config": asdict(cfg), "history": progress["history"], "n_train": len(train),
-               "wall_seconds_this_session": progress["wall_seconds_this_session"],
+    metrics = {"config": asdict(cfg), "history": progress["history"], "n-train": len(train),
+               "wall-seconds-this-session": progress["wall-seconds-this-session"],
                "transform": str(out / "transform.pt")}
     done.write_text(json.dumps(metrics, indent=2))
     log(f"GAN-based transformation → {out / 'transform.pt'}")
