@@ -239,7 +239,8 @@ def deploy_local_cmd(
     for name, m in result["users"].items():
         console.print(f"{name}: test accuracy {m['test-accuracy']:.4f}, protected PSNR "
                       f"{m['protected-psnr']['median']:.2f} dB (median)")
-    console.print(f"[bold green]provider summary → {result['workdir']}/provider/run.json[/]")
+    console.print(f"[bold green]provider summary → {result['workdir']}/run/run.json; users' outputs in "
+                  f"{result['workdir']}/run/user-K/ (as a simulation's: `ppflower attack --run-dir` reads them)[/]")
 
 
 def _simulate_command() -> None:

@@ -7,7 +7,9 @@ On loopback it does what docs/deployment.md tells the provider and the users to 
 2. ``flower-superlink`` with TLS and ``--enable-supernode-auth`` (only registered nodes may connect);
 3. ``flwr supernode register`` for each user's public key;
 4. one SuperNode per user (``ppflower-supernode``: ``flower-supernode`` with shorter polling), each with its
-   own ``--node-config out-dir=…`` (where its h_θ and metrics stay) and private key;
+   own private key (on separate machines each also gets ``--node-config out-dir=…``; on one machine the users
+   write where the provider's run dir says, so ``WORKDIR/run`` has a simulation's layout: ``run.json`` and
+   ``user-K/``, which ``ppflower attack --run-dir`` reads);
 5. ``flwr run . <connection> --stream`` with the run config; the provider's ``run.json`` and every user's
    ``metrics.json`` are collected at the end;
 6. every process is stopped on exit — normal end, error, Ctrl-C, or one of them dying.
@@ -135,6 +137,8 @@ class LocalDeployment:
     users: int = 2
     secure: bool = True
     fast_supernode: bool = True  # ppflower-supernode (shorter polling) instead of plain flower-supernode
+    node_out_dirs: bool = True   # each node keeps its outputs in nodes/<name>/ (as on its own machine); False:
+    #                              where the provider's run-dir says (run-dir/user-K/, the simulation's layout)
     port: int = 0
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     node_ports: dict[str, int] = field(default_factory=dict)
@@ -212,10 +216,10 @@ class LocalDeployment:
         name = name or f"supernode-{index}"
         port = self.node_ports.get(name) or free_port()
         self.node_ports[name] = port
-        out_dir = self.workdir / "nodes" / name  # this user's h_θ, resume points and metrics stay here
         launcher = [sys.executable, "-m", "sims.supernode"] if self.fast_supernode else [_bin("flower-supernode")]
-        argv = [*launcher, "--superlink", f"127.0.0.1:{self.port}",
-                "--port", str(port), "--node-config", f'out-dir="{out_dir}"', "--max-wait-time", "60"]
+        argv = [*launcher, "--superlink", f"127.0.0.1:{self.port}", "--port", str(port), "--max-wait-time", "60"]
+        if self.node_out_dirs:  # this user's h_θ, resume points and metrics stay here
+            argv += ["--node-config", f'out-dir="{self.workdir / "nodes" / name}"']
         if self.secure:
             argv += ["--root-certificates", str(self.creds.ca_cert)]
             if auth:
@@ -398,7 +402,7 @@ def deploy_local(users: int, workdir: Path, run_config: dict, secure: bool = Tru
                  timeout: float = 3600, stream=print) -> dict:
     """Start everything, run the app, collect results, stop everything (also on Ctrl-C or a dead process)."""
     workdir = Path(workdir).resolve()
-    run_dir = workdir / "provider"
+    run_dir = workdir / "run"  # run.json and user-K/: the layout of a simulation (`ppflower attack --run-dir` reads it)
     run_config = {**run_config, "run-dir": str(run_dir), "min-users": users}
 
     def terminate(signum, frame):  # `kill` on this process stops everything like Ctrl-C does
@@ -415,7 +419,7 @@ def deploy_local(users: int, workdir: Path, run_config: dict, secure: bool = Tru
 
 
 def _deploy(users, workdir, run_dir, run_config, secure, log, timeout, stream) -> dict:
-    with LocalDeployment(workdir, users, secure) as dep:
+    with LocalDeployment(workdir, users, secure, node_out_dirs=False) as dep:
         log(f"SuperLink on 127.0.0.1:{dep.port} ({'TLS + SuperNode authentication' if secure else 'INSECURE'}), "
             f"{users} SuperNodes; logs in {workdir}")
 
@@ -439,7 +443,6 @@ def _deploy(users, workdir, run_dir, run_config, secure, log, timeout, stream) -
                             f"{workdir}/superlink.log")
     summary = json.loads(summary_file.read_text())
     users_metrics = {}
-    for path in sorted(workdir.glob("nodes/*/metrics.json")):
-        metrics = json.loads(path.read_text())
-        users_metrics[f"user-{metrics['user']} ({path.parent.name})"] = metrics
+    for path in sorted(run_dir.glob("user-*/metrics.json")):
+        users_metrics[path.parent.name] = json.loads(path.read_text())
     return {"run": summary, "users": users_metrics, "workdir": str(workdir)}

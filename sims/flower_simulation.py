@@ -16,6 +16,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from pp_flower.config import AppConfig
 from pp_flower.errors import PPFlowerError
 
 console = Console()
@@ -74,10 +75,13 @@ def stop_on_interrupt(run_dir: str | None) -> None:
     otherwise wait for the provider's loop to finish. Every resume point on disk was written atomically, so
     the run directory is resumable from its last one.
     """
+    import logging
     import sys
 
     import ray
 
+    for name in ("flwr", "pp_flower"):  # Flower's threads are still running: their errors about the actors
+        logging.getLogger(name).disabled = True  # being stopped now are expected, not news
     try:
         ray.shutdown()
     finally:
@@ -106,9 +110,9 @@ def cli(
                                                        "picks other names)."),
     num_supernodes: int = typer.Option(2, "--num-supernodes", help="Number of simulated users."),
     run_config: str = typer.Option("", "--run-config", help='Overrides in Flower\'s grammar (strings quoted), e.g. '
-                                   '\'classifier="runs/classifier/best.pt" alpha=0.005\', or a .toml file. Keys, '
-                                   'defaults and meanings: pyproject.toml [tool.flwr.app.config] and README '
-                                   '"Run-config keys".'),
+                                   '\'classifier="runs/classifier/best.pt" alpha=0.005\', or a .toml file of them. '
+                                   f'Keys: {", ".join(AppConfig.keys())}. Defaults: pyproject.toml '
+                                   'section tool.flwr.app.config; meanings: README, section flower-simulation.'),
     num_cpus: float = typer.Option(1.0, "--num-cpus", help="CPU cores reserved per user (Ray resources)."),
     num_gpus: float = typer.Option(0.0, "--num-gpus", help="GPU fraction per user, e.g. 0.25."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS",
