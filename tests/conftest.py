@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+import time
+import uuid
 from pathlib import Path
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# every process a test starts inherits this marker: at the end no process may still carry it (pytest_sessionfinish)
+SESSION_MARKER = f"PPFLOWER_TEST_SESSION_{uuid.uuid4().hex}"
+os.environ[SESSION_MARKER] = "1"
 SHARED = ROOT.parent / "shared"
 os.environ.setdefault("PPFLOWER_QUIET", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -75,3 +80,42 @@ def two_user_run(tmp_path_factory, classifier_ckpt):
                                         "epochs": 1}).to_run_config()
     simulate(make_server_app(lambda direction, msg: log.append((direction, msg))), client_app, 2, config)
     return log, run_dir
+
+
+def processes_with(marker: str) -> list[int]:
+    """Live processes (zombies aside) whose environment carries ``marker``, this one excluded."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if marker.encode() in (entry / "environ").read_bytes() and "\nState:\tZ" not in (entry / "status").read_text():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """No suite run leaves a process behind: after Ray's shutdown, wait (up to 60 s) for every process any test
+    started — Ray's, SuperLinks, SuperNodes, trainers — to exit; report and fail the run if one survives."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except ImportError:
+        pass
+    deadline = time.monotonic() + 60
+    while (left := processes_with(SESSION_MARKER)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if left:
+        names = []
+        for pid in left:
+            try:
+                names.append(f"{pid}: {Path(f'/proc/{pid}/cmdline').read_bytes().replace(bytes(1), b' ').decode()[:200]}")
+            except OSError:
+                continue
+        if names:
+            print("\nprocesses left behind by the test session:\n  " + "\n  ".join(names))
+            session.exitstatus = 1

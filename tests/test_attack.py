@@ -72,6 +72,7 @@ def _ppflower(*args):
                           timeout=900)
 
 
+@pytest.mark.slow
 def test_attack_run_dir_measures_each_users_h_theta_and_caches_by_target(two_user_run, tmp_path, data_dir):
     from pp_flower.checkpoints import load_transform_net
 

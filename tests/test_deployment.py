@@ -23,6 +23,7 @@ def _run_config(classifier_ckpt, run_dir, **overrides) -> dict:
             "wait-for-users": 120.0, "step-timeout": 180.0, **overrides}
 
 
+@pytest.mark.slow
 def test_tls_and_auth_run_completes_and_unregistered_nodes_are_refused(tmp_path, classifier_ckpt):
     run_dir = tmp_path / "provider"
     with LocalDeployment(tmp_path / "dep", users=2, secure=True) as dep:
@@ -62,6 +63,7 @@ def test_tls_and_auth_run_completes_and_unregistered_nodes_are_refused(tmp_path,
     assert all(log.count("started warm") >= 6 for log in node_logs), [log.count("started warm") for log in node_logs]
 
 
+@pytest.mark.slow
 def test_killed_supernode_is_dropped_and_rejoins_after_restart(tmp_path, classifier_ckpt):
     run_dir = tmp_path / "provider"
     config = _run_config(classifier_ckpt, run_dir, **{"limit-train": 384, "epochs": 1, "checkpoint-every": 1,
@@ -116,6 +118,7 @@ def _trainer_pid(dep, name: str) -> int | None:
     return None
 
 
+@pytest.mark.slow
 def test_killed_trainer_is_restarted_and_the_user_replays_to_a_fault_free_runs_weights(tmp_path, classifier_ckpt):
     """SIGKILL a user's trainer mid-run: its SuperNode restarts it, the user resumes from its resume point and the
     provider replays the steps after it; every user's final h_θ equals a fault-free simulation's (|Δθ| < 1e-6)."""
@@ -165,6 +168,7 @@ def test_killed_trainer_is_restarted_and_the_user_replays_to_a_fault_free_runs_w
         assert worst < 1e-6, (index, worst)
 
 
+@pytest.mark.slow
 def test_deploy_local_stops_every_process_on_ctrl_c(tmp_path, classifier_ckpt):
     """`ppflower deploy-local` interrupted while the run is going: no SuperLink/SuperNode/flwr process survives."""
     import os

@@ -202,6 +202,7 @@ def _flower_simulation(*args, timeout=600):
                           timeout=timeout, env={**os.environ, "PYTHONPATH": os.getcwd()})
 
 
+@pytest.mark.slow
 def test_flower_simulation_cli_writes_outputs(tmp_path, classifier_ckpt):
     rc = format_run_config({**TINY, "classifier": str(classifier_ckpt), "run-dir": str(tmp_path / "cli")})
     proc = _flower_simulation("--app", "sims.main", "--num-supernodes", "2", "--run-config", rc)
@@ -252,6 +253,7 @@ def test_pyproject_run_config_mirrors_app_defaults():
     assert flwr["config"] == AppConfig().to_run_config()
 
 
+@pytest.mark.slow
 def test_flwr_run_dot_runs_the_same_app(tmp_path, classifier_ckpt):
     """`flwr run .` (local SuperLink, installed env) runs the app from pyproject's [tool.flwr] section."""
     from pathlib import Path

@@ -20,6 +20,7 @@ def _final_weights(run_dir, k):
     return net.state_dict()
 
 
+@pytest.mark.slow
 def test_killed_trainer_resumes_and_replays_to_a_fault_free_runs_weights(tmp_path, classifier_ckpt):
     """Kill user trainers mid-run (Ray restarts them empty): the users rejoin from their resume points, the provider
     replays the steps after them, and every user's final h_θ equals the fault-free run's (max |Δθ| < 1e-6)."""

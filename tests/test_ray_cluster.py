@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ from tests.test_flower_app import TINY
 BIN = Path(sys.executable).parent
 
 
+@pytest.mark.slow
 def test_simulation_runs_on_a_separately_started_ray_head(tmp_path, classifier_ckpt):
     port = free_port()
     # a temp dir of its own: other Ray drivers on this machine must not discover this cluster by accident

@@ -37,6 +37,7 @@ def test_the_readme_has_the_blocks_this_test_runs():
         assert command in commands, command
 
 
+@pytest.mark.slow
 def test_every_readme_command_block_runs(tmp_path, data_dir, vgg_weights, splits):
     from torchvision.utils import save_image
 

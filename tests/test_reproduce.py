@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from sims.reproduce import reproduce
 
 
+@pytest.mark.slow
 def test_smoke_preset_table_is_measured_and_resumable(tmp_path, data_dir, vgg_weights):
     out, work = tmp_path / "results", tmp_path / "work"
     result = reproduce("smoke", out, work, data_dir, vgg_weights, log=lambda *a: None)

@@ -17,6 +17,7 @@ import torch
 
 from pp_flower.config import format_run_config
 from pp_flower.errors import PPFlowerError
+from tests.conftest import processes_with
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -167,22 +168,6 @@ def test_classify_writes_only_results_to_stdout(tmp_path, classifier_ckpt, split
 # ------------------------------------------------------------------------------------------------ Ctrl-C
 
 
-def _processes_with(marker: str) -> list[int]:
-    """Live processes whose environment carries ``marker`` (every process a command started inherits it)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if marker.encode() in (entry / "environ").read_bytes():
-                status = (entry / "status").read_text()
-                if "\nState:\tZ" not in status:
-                    found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
-
-
 def _wait_for(condition, timeout: float, what: str):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -192,6 +177,7 @@ def _wait_for(condition, timeout: float, what: str):
     pytest.fail(f"timed out after {timeout} s waiting for {what}")
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_a_simulation_at_once_and_the_rerun_resumes(tmp_path, classifier_ckpt):
     from tests.test_flower_app import TINY
 
@@ -219,7 +205,7 @@ def test_ctrl_c_stops_a_simulation_at_once_and_the_rerun_resumes(tmp_path, class
         pytest.fail("one Ctrl-C did not stop flower-simulation within 60 s")
     assert proc.returncode == 130, stderr[-2000:]
     assert "rerun the same command to resume" in stderr and "Traceback" not in stderr
-    _wait_for(lambda: not _processes_with(marker), 60, "every process of the run (Ray's included) to exit")
+    _wait_for(lambda: not processes_with(marker), 60, "every process of the run (Ray's included) to exit")
     assert not (run_dir / "run.json").exists()
     stopped_at = torch.load(resume, weights_only=True)["progress"]["step"]
 
@@ -230,4 +216,4 @@ def test_ctrl_c_stops_a_simulation_at_once_and_the_rerun_resumes(tmp_path, class
     user = run["users"][0]
     assert user["steps-applied"] == 8 * 3 and stopped_at >= 4
     assert len(json.loads((run_dir / "user-0" / "metrics.json").read_text())["val-transform-loss-curve"]) == 8
-    _wait_for(lambda: not _processes_with(marker), 60, "every process of the rerun to exit")
+    _wait_for(lambda: not processes_with(marker), 60, "every process of the rerun to exit")
