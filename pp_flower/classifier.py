@@ -146,6 +146,7 @@ def train_classifier(splits: Splits, out_dir: str | Path, cfg: ClassifierConfig,
     metrics = {"arch": cfg.arch, "baseline": cfg.baseline or "none", "key": cfg.key, "config": asdict(cfg),
                "test-accuracy": test["accuracy"], "test-loss": test["loss"],
                "best-val-loss": state["best-val-loss"], "best-epoch": state["best-epoch"], "history": state["history"],
+               "classes": list(splits.train.classes),
                "n-train": len(splits.train), "n-val": len(splits.val), "n-test": len(splits.test),
                "wall-seconds-this-session": state["wall-seconds-this-session"], "checkpoint": str(out / "best.pt")}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
