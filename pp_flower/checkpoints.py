@@ -24,6 +24,20 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
+def ensure_writable_dir(path: str | os.PathLike, what: str) -> Path:
+    """Create ``path`` if needed and prove it writable now, before any work: a clear error names it and says why."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".ppflower-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise PPFlowerError(f"{what} '{path}' is not a writable directory ({exc.strerror or exc}); choose another "
+                            "path.") from None
+    return path
+
+
 def load_checkpoint(path: str | os.PathLike, kind: str) -> dict[str, Any]:
     """Load a checkpoint written by pp-flower and check that it holds a ``kind`` (classifier / transform_net / …)."""
     path = Path(path)

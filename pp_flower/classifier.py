@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pp_flower.checkpoints import FORMAT_VERSION, classifier_blob, save_atomic
+from pp_flower.checkpoints import FORMAT_VERSION, classifier_blob, ensure_writable_dir, save_atomic
 from pp_flower.data import ImageSet, Splits, augment, to_float
 from pp_flower.errors import PPFlowerError
 from pp_flower.models import build_classifier
@@ -110,8 +110,7 @@ def evaluate(model: nn.Module, data: ImageSet, device: str, batch_size: int = 50
 def train_classifier(splits: Splits, out_dir: str | Path, cfg: ClassifierConfig, device: str = "cpu",
                      log=print) -> dict:
     """Train ψ, writing ``last.pt`` (resume point), ``best.pt`` (lowest val loss) and ``metrics.json``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_writable_dir(out_dir, "--out")
     num_classes = len(splits.train.classes)
     torch.manual_seed(derive_seed(cfg.seed, "classifier-init"))
     model = build_model(cfg, num_classes).to(device)

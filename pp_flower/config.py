@@ -148,12 +148,12 @@ def format_run_config(values: Mapping[str, Any]) -> str:
 def preflight(cfg: AppConfig) -> None:
     """Fail fast, with one clear line, when ψ, the images or φ cannot serve this run (before any round starts).
 
-    ψ must exist and be a classifier for the data's classes, the images must fit the U-Net's depth and φ's
-    weights must load.
+    The run dir must be writable, ψ must exist and be a classifier for the data's classes, the images must fit
+    the U-Net's depth and φ's weights must load.
     """
     from pathlib import Path
 
-    from pp_flower.checkpoints import load_classifier
+    from pp_flower.checkpoints import ensure_writable_dir, load_classifier
     from pp_flower.data import load_datasets
     from pp_flower.features import load_feature_net
     from pp_flower.models import check_image_size
@@ -168,6 +168,7 @@ def preflight(cfg: AppConfig) -> None:
     check_image_size(tuple(train.images.shape[-2:]), cfg.unet_depth, "The training images")
     check_class_match(blob, train.classes, cfg.classifier)
     load_feature_net(cfg.vgg_weights or None, cfg.feature_layer)
+    ensure_writable_dir(cfg.run_dir, "run-dir")  # last: a refused run leaves no directory behind
 
 
 def check_class_match(classifier_blob: dict[str, Any], classes: tuple[str, ...], path: Any) -> None:

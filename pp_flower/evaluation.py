@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from pp_flower.checkpoints import load_classifier, load_transform_net
+from pp_flower.checkpoints import ensure_writable_dir, load_classifier, load_transform_net
 from pp_flower.data import IMAGE_SUFFIXES, read_image
 from pp_flower.errors import PPFlowerError
 from pp_flower.models import check_image_size
@@ -95,7 +95,8 @@ def attack_targets(transform=None, run_dir=None, out=None, cfg=None, strong=Fals
     if not targets and not callables:
         raise PPFlowerError("Nothing to attack: give --transform PATH, --run-dir PATH or --baseline NAME --key K.")
     nets = {name: load_transform_net(path)[0] for name, path in targets.items()}  # wrong kinds fail here, early
-    out = Path(out) if out else (Path(run_dir) / "attack" if run_dir else Path("runs/attack"))
+    out = ensure_writable_dir(Path(out) if out else (Path(run_dir) / "attack" if run_dir else Path("runs/attack")),
+                              "--out")
     splits = load_splits(data_dir, limit_train=limit_train, limit_eval=limit_eval)
     size = tuple(splits.train.images.shape[-2:])
     check_image_size(size, cfg.unet_depth, "The images (for the attacker's U-Net, --unet-depth)")

@@ -31,7 +31,9 @@ def run_demo(out: Path, data_dir=None, vgg_weights=None, device: str = "cpu", lo
     from pp_flower.data import load_splits
     from pp_flower.config import preflight
 
-    out = Path(out)
+    from pp_flower.checkpoints import ensure_writable_dir
+
+    out = ensure_writable_dir(out, "--out")
     clf_dir = out / "classifier"
     log(f"[bold]1/4[/] provider trains ψ (ResNet-20, {CLASSIFIER['epochs']} epochs on {CLASSIFIER['limit_train']} images)")
     if (clf_dir / "metrics.json").exists():

@@ -119,8 +119,10 @@ class Reproduction:
                  device: str = "cpu", log=print):
         self.preset, self.out, self.work = preset, Path(out), Path(workdir)
         self.data_dir, self.vgg_weights, self.device, self.log = data_dir, vgg_weights, device, log
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.work.mkdir(parents=True, exist_ok=True)
+        from pp_flower.checkpoints import ensure_writable_dir
+
+        ensure_writable_dir(self.out, "--out")
+        ensure_writable_dir(self.work, "--workdir")
         self.stages_file = self.out / "stages.json"
         self.stages = json.loads(self.stages_file.read_text()) if self.stages_file.exists() else {}
         self._splits = {}

@@ -110,10 +110,18 @@ def test_privacy_audit_on_every_message(two_user_run, splits, classifier_ckpt):
         # users train and test without labels: no message to a user carries the labels of any id it holds
         assert privacy.label_hits(msg, labels_of, sent_ids[msg.metadata.dst_node_id]) == []
     # outputs of the run, per user
+    psi_model = load_classifier(classifier_ckpt)[0]
+    x_test = splits.test_all.images[splits.test_ids[:20]].float() / 255
+    y_test = splits.test_all.labels[splits.test_ids[:20]]
+    run = json.loads((run_dir / "run.json").read_text())
     for k in (0, 1):
         user_dir = run_dir / f"user-{k}"
         metrics = json.loads((user_dir / "metrics.json").read_text())
-        assert 0.0 <= metrics["test-accuracy"] <= 1.0 and metrics["n-test"] == 20
+        net = load_transform_net(user_dir / "best.pt")[0]
+        with torch.no_grad():  # the accuracy the user reports is ψ's on its own h_θ(x), computed here directly
+            expected = (psi_model(net(x_test)).argmax(1) == y_test).float().mean().item()
+        assert metrics["test-accuracy"] == pytest.approx(expected, abs=1e-6) and metrics["n-test"] == 20
+        assert run["users"][k]["test"]["test-accuracy"] == pytest.approx(expected, abs=1e-6)
         assert len(metrics["val-transform-loss-curve"]) == 1
         assert metrics["protected-psnr"]["mean"] < 30
         assert (user_dir / "best.pt").exists() and (user_dir / "fig5_alpha0.01.png").stat().st_size > 1000
@@ -194,7 +202,8 @@ def test_faulty_user_is_dropped_for_a_step_and_malformed_reply_refused(tmp_path,
     assert any("NaN" in reason and step == 1 for step, reason in user0["dropped-steps"])
     for user in (user0, user1):  # both rejoin and finish every step; both are tested
         assert user["active"] and user["steps-applied"] == 3
-        assert 0.0 <= user["test"]["test-accuracy"] <= 1.0
+        reported = json.loads((tmp_path / "run" / f"user-{user['index']}" / "metrics.json").read_text())
+        assert user["test"]["test-accuracy"] == pytest.approx(reported["test-accuracy"]) and reported["n-test"] == 20
 
 
 def _flower_simulation(*args, timeout=600):
@@ -272,7 +281,15 @@ def test_flwr_run_dot_runs_the_same_app(tmp_path, classifier_ckpt):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert [u["steps-applied"] for u in run["users"]] == [2, 2]  # 2 simulated SuperNodes, 24 images = 2 batches each
-    assert all((tmp_path / "run" / f"user-{k}" / "metrics.json").exists() for k in (0, 1))
+    # the same app, the same config on flower-simulation: every user ends with the same h_θ
+    from sims.main import client_app, server_app
+
+    simulate(server_app, client_app, 2, AppConfig.from_run_config({**values, "run-dir": str(tmp_path / "sim")})
+             .to_run_config())
+    for k in (0, 1):
+        got = load_transform_net(tmp_path / "run" / f"user-{k}" / "final.pt")[0].state_dict()
+        ref = load_transform_net(tmp_path / "sim" / f"user-{k}" / "final.pt")[0].state_dict()
+        assert max((got[n].double() - v.double()).abs().max().item() for n, v in ref.items()) < 1e-6, k
 
 
 def test_every_readme_run_config_example_parses_with_flowers_own_parser():

@@ -108,12 +108,21 @@ def test_train_classifier_refuses_bad_numbers(tmp_path, args, message):
     assert not (tmp_path / "c" / "last.pt").exists()
 
 
+def test_an_unwritable_run_dir_is_refused_before_any_work(tmp_path, classifier_ckpt):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    rc = format_run_config({"classifier": str(classifier_ckpt), "run-dir": str(blocker / "run")})
+    proc = _run("sims.flower_simulation", "--num-supernodes", 1, "--run-config", rc, timeout=300)
+    assert proc.returncode == 2 and "run-dir" in proc.stderr and "not a writable directory" in proc.stderr
+    assert "Ray" not in proc.stdout + proc.stderr and "Traceback" not in proc.stderr  # refused before Ray started
+
+
 def test_an_unwritable_output_directory_is_one_clear_line(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     proc = _run("sims.cli", "train-classifier", "--epochs", 1, "--limit-train", 64, "--limit-eval", 16,
                 "--out", blocker / "out", timeout=300)
-    assert proc.returncode == 2 and "cannot write" in proc.stderr and str(blocker) in proc.stderr
+    assert proc.returncode == 2 and "not a writable directory" in proc.stderr and str(blocker) in proc.stderr
     assert "Traceback" not in proc.stderr and blocker.read_text() == "not a directory"
 
 
