@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -123,5 +124,8 @@ def attack_targets(transform=None, run_dir=None, out=None, cfg=None, strong=Fals
     summary = {tag: {k: r[k] for k in ("psnr-estimated", "psnr-protected", "ssim-estimated", "ssim-protected")
                      if k in r} for tag, r in results.items()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    broken = [tag for tag, r in summary.items() if not math.isfinite(r["psnr-estimated"]["median"])]
+    if broken:
+        raise PPFlowerError(f"The attack on {', '.join(broken)} produced NaN metrics; see {out}.")
     log(f"attack results → {out}/summary.json, box plot → {out}/fig7_psnr_boxplot.png")
     return summary

@@ -12,6 +12,7 @@ command continues exactly where it stopped and ends with the weights an uninterr
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,6 +119,9 @@ def fit(job: Job, out_dir: str | Path, log: Callable[[str], None] = print) -> di
                     for group in opt.param_groups:
                         group["lr"] = job.lr(epoch + step / len(batches))
             losses = job.step(batches[step], generator(job.seed, "augment", epoch, step))
+            if not all(math.isfinite(v) for v in losses.values()):  # a diverged run must not report numbers
+                raise PPFlowerError(f"{job.desc}: the loss became {losses} at epoch {epoch + 1}, step {step + 1}; "
+                                    f"lower the learning rate (--lr). The last resume point is kept.")
             n = len(batches[step])
             for k, v in losses.items():
                 progress["sums"][k] = progress["sums"].get(k, 0.0) + v * n

@@ -217,6 +217,7 @@ def test_flower_simulation_cli_writes_outputs(tmp_path, classifier_ckpt):
     proc = _flower_simulation("--app", "sims.main", "--num-supernodes", "2", "--run-config", rc)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "user 1: test accuracy" in proc.stdout
+    assert "\x1b[" not in proc.stdout + proc.stderr  # piped: Flower's log lines come without ANSI colour codes
     for k in (0, 1):
         d = tmp_path / "cli" / f"user-{k}"
         assert {"best.pt", "final.pt", "metrics.json", "fig5_alpha0.01.png"} <= {p.name for p in d.iterdir()}

@@ -226,3 +226,32 @@ def test_ctrl_c_stops_a_simulation_at_once_and_the_rerun_resumes(tmp_path, class
     assert user["steps-applied"] == 8 * 3 and stopped_at >= 4
     assert len(json.loads((run_dir / "user-0" / "metrics.json").read_text())["val-transform-loss-curve"]) == 8
     _wait_for(lambda: not processes_with(marker), 60, "every process of the rerun to exit")
+
+
+def test_a_diverging_training_run_stops_with_a_clear_error(small_splits, tmp_path):
+    from pp_flower.classifier import ClassifierConfig, train_classifier
+
+    with pytest.raises(PPFlowerError, match=r"the loss became .*nan.* lower the learning rate"):
+        train_classifier(small_splits, tmp_path, ClassifierConfig(epochs=1, batch_size=64, lr=1e12),
+                         log=lambda *a: None)
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_version_and_toml_run_config():
+    from pp_flower.config import parse_run_config
+
+    proc = _run("sims.cli", "--version", timeout=60)
+    assert proc.returncode == 0 and proc.stdout.startswith("pp-flower 0.") and "flwr 1.42" in proc.stdout
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
+        f.write('alpha = 0.01\nclassifier = "runs/c/best.pt"\n')
+    assert parse_run_config(f.name) == {"alpha": 0.01, "classifier": "runs/c/best.pt"}
+    os.unlink(f.name)
+
+
+@pytest.fixture(scope="module")
+def small_splits(data_dir):
+    from pp_flower.data import load_splits
+
+    return load_splits(data_dir, limit_train=256, limit_eval=32)
