@@ -158,17 +158,22 @@ def preflight(cfg: AppConfig) -> None:
     from pp_flower.features import load_feature_net
     from pp_flower.models import check_image_size
 
-    if not Path(cfg.classifier).is_file():
-        raise PPFlowerError(
-            f"ψ checkpoint '{cfg.classifier}' not found; train one with `ppflower train-classifier --out DIR` "
-            "and pass classifier=\"DIR/best.pt\" in the run config."
-        )
+    require_classifier(cfg.classifier)
     _, blob = load_classifier(cfg.classifier)
     train, _ = load_datasets(cfg.data_dir or None)
     check_image_size(tuple(train.images.shape[-2:]), cfg.unet_depth, "The training images")
     check_class_match(blob, train.classes, cfg.classifier)
     load_feature_net(cfg.vgg_weights or None, cfg.feature_layer)
     ensure_writable_dir(cfg.run_dir, "run-dir")  # last: a refused run leaves no directory behind
+
+
+def require_classifier(path: str) -> None:
+    """ψ's checkpoint must exist; the error says how to make one."""
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        raise PPFlowerError(f"ψ checkpoint '{path}' not found; train one with `ppflower train-classifier --out DIR` "
+                            'and pass classifier="DIR/best.pt" in the run config.')
 
 
 def check_class_match(classifier_blob: dict[str, Any], classes: tuple[str, ...], path: Any) -> None:

@@ -104,6 +104,7 @@ class LiveUser:
         self.keep_graph = {"keep": True, "recompute": False}.get(self.cfg.keep_graph)  # None: decide (auto)
         self._data = self._phi = None
         self.hosted = 1  # users sharing this user's trainer (its memory budget for kept graphs)
+        self._resume_key = self._make_resume_key()  # fixed for the user's life; snapshots run on hot paths
 
     @property
     def graph_mode(self) -> str:
@@ -145,6 +146,9 @@ class LiveUser:
 
     def resume_key(self) -> dict:
         """What a resume point must match to continue this user: its config, its batches and its images."""
+        return self._resume_key
+
+    def _make_resume_key(self) -> dict:
         import hashlib
 
         ids = hashlib.sha256(self.ids["train"].numpy().tobytes()).hexdigest()[:16]

@@ -23,7 +23,7 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from pp_flower import protocol as P
 from pp_flower.checkpoints import load_classifier, save_atomic, transform_blob
-from pp_flower.config import AppConfig, check_class_match
+from pp_flower.config import AppConfig, check_class_match, require_classifier
 from pp_flower.data import load_splits, user_shards
 from pp_flower.errors import PPFlowerError
 from pp_flower.models import UNet, check_image_size
@@ -111,11 +111,7 @@ class ProviderStrategy(Strategy):
     @classmethod
     def from_config(cls, cfg: AppConfig, message_log: MessageLog | None = None) -> "ProviderStrategy":
         """Load ψ (clear error if missing or wrong) and the labels of the images the provider hands out."""
-        if not Path(cfg.classifier).is_file():
-            raise PPFlowerError(
-                f"ψ checkpoint '{cfg.classifier}' not found; train one with `ppflower train-classifier --out DIR` "
-                "and pass classifier=DIR/best.pt in the run config."
-            )
+        require_classifier(cfg.classifier)
         classifier, blob = load_classifier(cfg.classifier)
         device = cfg.provider_device
         if device == "auto":
