@@ -62,10 +62,31 @@ def simulate(server_app, client_app, num_supernodes: int, run_config: dict, num_
     relay_cpus = max(num_cpus, ray.cluster_resources().get("CPU", 1) / len(trainers))
     backend_config = {"client_resources": {"num_cpus": relay_cpus, "num_gpus": 0.0}}
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    import signal
+    import threading
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, _quiet_interrupt) if in_main else None
     try:
         run_simulation_engine(server_app, client_app, num_supernodes, backend_config, context, verbose)
     except KeyboardInterrupt:
         stop_on_interrupt(run_config.get("run-dir"))
+    finally:
+        if in_main:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _quiet_logs() -> None:
+    import logging
+
+    for name in ("flwr", "pp_flower"):  # Flower's threads are still running: their errors about the actors
+        logging.getLogger(name).disabled = True  # being stopped now are expected, not news
+
+
+def _quiet_interrupt(signum, frame) -> None:
+    """Ctrl-C: silence the logs at once (Ray's workers got the same signal), then interrupt as Python does."""
+    _quiet_logs()
+    raise KeyboardInterrupt
 
 
 def stop_on_interrupt(run_dir: str | None) -> None:
@@ -75,13 +96,11 @@ def stop_on_interrupt(run_dir: str | None) -> None:
     otherwise wait for the provider's loop to finish. Every resume point on disk was written atomically, so
     the run directory is resumable from its last one.
     """
-    import logging
     import sys
 
     import ray
 
-    for name in ("flwr", "pp_flower"):  # Flower's threads are still running: their errors about the actors
-        logging.getLogger(name).disabled = True  # being stopped now are expected, not news
+    _quiet_logs()
     try:
         ray.shutdown()
     finally:
