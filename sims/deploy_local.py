@@ -151,6 +151,11 @@ class LocalDeployment:
         self.flwr_home = self.workdir / "flwr-home"
         self.env = {**os.environ, "FLWR_HOME": str(self.flwr_home),
                     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONUNBUFFERED": "1"}
+        # the processes run from the repo (and the ServerApp from Flower's copy of the app): paths the caller set
+        # relative to its own directory, e.g. PPFLOWER_DATA_DIR=../shared/..., must not change meaning there
+        for var in ("PPFLOWER_DATA_DIR", "PPFLOWER_VGG_WEIGHTS", "PPFLOWER_CACHE_DIR"):
+            if self.env.get(var):
+                self.env[var] = str(Path(self.env[var]).expanduser().resolve())
         bindir = str(Path(sys.executable).parent)
         if bindir not in self.env.get("PATH", "").split(os.pathsep):
             self.env["PATH"] = bindir + os.pathsep + self.env.get("PATH", "")
