@@ -35,6 +35,7 @@ Target = Callable[[torch.Tensor], torch.Tensor]  # plain [0, 1] images → prote
 class AttackConfig(SGDRecipe):
     unet_base: int = 16
     unet_depth: int = 4
+    unet_arch: str = "paper"
     perceptual: float = 0.0  # weight of the VGG16 relu2_2 feature loss (0 = the paper's MSE-only ITN)
     checkpoint_every: int = 20
 
@@ -66,22 +67,25 @@ def _val_loss(estimator: nn.Module, target: Target, images: torch.Tensor, device
 
 
 def train_attack(target: Target, splits: Splits, out_dir: str | Path, cfg: AttackConfig, device: str = "cpu",
-                 name: str = "target", log=print, target_id: str | None = None, force: bool = False) -> dict:
+                 name: str = "target", log=print, target_id: str | None = None, force: bool = False,
+                 observer: tuple[nn.Module, str] | None = None) -> dict:
     """Train the inverse network on (target(x), x), keep the best on validation, evaluate on test.
 
     Results are cached in ``out_dir`` under what produced them: ``target_id`` (e.g. the hash of h_θ's
     checkpoint), the attack settings and the data sizes. A rerun with the same key reuses them; another key
     is refused unless ``force``, which starts afresh — old numbers are never reported for a new target.
+    ``observer`` = (classifier trained on plain images, its id) adds the recognisability of protected images
+    and estimates (:func:`evaluate_attack`).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     key = {"target": target_id or name, "attack": asdict(cfg), "n-train": len(splits.train),
-           "n-val": len(splits.val), "n-test": len(splits.test)}
+           "n-val": len(splits.val), "n-test": len(splits.test), **({"observer": observer[1]} if observer else {})}
     if (cached := _cached(out, key, force, log)) is not None:
         return cached
     torch.manual_seed(derive_seed(cfg.seed, "attack-init"))
     in_channels = target(to_float(splits.train.images[:1]).to(device)).shape[1]  # e.g. 6 for Tanaka's encryption
-    estimator = UNet(cfg.unet_base, cfg.unet_depth, in_channels=in_channels).to(device)
+    estimator = UNet(cfg.unet_base, cfg.unet_depth, in_channels=in_channels, arch=cfg.unet_arch).to(device)
     opt = cfg.optimizer(estimator)
     phi = None
     if cfg.perceptual > 0:
@@ -104,7 +108,7 @@ def train_attack(target: Target, splits: Splits, out_dir: str | Path, cfg: Attac
         return {"train-loss": loss.item()}
 
     def save_best(epoch: int, val: dict) -> None:
-        save_atomic({"kind": "inverse_net", "base": cfg.unet_base, "depth": cfg.unet_depth, "in_channels": in_channels,
+        save_atomic({"kind": "inverse_net", "base": cfg.unet_base, "depth": cfg.unet_depth, "unet-arch": cfg.unet_arch, "in_channels": in_channels,
                      "state_dict": estimator.state_dict(), "target": name, "epoch": epoch}, out / "best.pt")
 
     job = Job(kind="attack_state", config=key, modules={"state_dict": estimator},
@@ -116,7 +120,8 @@ def train_attack(target: Target, splits: Splits, out_dir: str | Path, cfg: Attac
     progress = fit(job, out, log=log)
 
     estimator.load_state_dict(load_inverse_net(out / "best.pt").state_dict())
-    result = evaluate_attack(estimator, target, splits.test.images, device)
+    result = evaluate_attack(estimator, target, splits.test.images, device,
+                             observer=observer[0] if observer else None, labels=splits.test.labels)
     result.update({"target": name, "cache-key": key, "config": asdict(cfg), "history": progress["history"],
                    "best-epoch": progress["best-epoch"], "n-train": len(train), "n-val": len(splits.val),
                    "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
@@ -160,28 +165,44 @@ def _cached(out: Path, key: dict, force: bool, log) -> dict | None:
 
 @torch.no_grad()
 def evaluate_attack(estimator: nn.Module, target: Target, images: torch.Tensor, device: str = "cpu",
-                    chunk: int = 500) -> dict:
-    """Per-image PSNR and SSIM of estimated vs plain and of protected vs plain images, plus quartiles."""
+                    chunk: int = 500, observer: nn.Module | None = None, labels: torch.Tensor | None = None) -> dict:
+    """Per-image PSNR and SSIM of estimated vs plain and of protected vs plain images, plus quartiles.
+
+    With an ``observer`` (an independent classifier trained on plain images) and the ``labels``, also the
+    recognisability: the observer's accuracy on the protected images and on the estimates. PSNR alone does not
+    say whether an image shows its content (a 5 dB image can still show its digit); chance is 1/classes, plain
+    images give the observer's own accuracy.
+    """
     estimator.eval()
     values: dict[str, list[torch.Tensor]] = {"psnr-estimated": [], "psnr-protected": [], "ssim-estimated": [],
                                              "ssim-protected": []}
+    hits: dict[str, list[torch.Tensor]] = {"recognisability-estimated": [], "recognisability-protected": []}
+    if observer is not None:
+        observer = observer.to(device).eval()
     for idx in torch.split(torch.arange(len(images)), chunk):
         x = to_float(images[idx]).to(device)
         protected = target(x).clamp(0, 1)
         estimate = estimator(protected)
         values["psnr-estimated"].append(psnr(estimate, x).cpu())
         values["ssim-estimated"].append(ssim(estimate, x).cpu())
+        if observer is not None:
+            y = labels[idx].to(device)
+            hits["recognisability-estimated"].append((observer(estimate).argmax(1) == y).cpu())
         if protected.shape == x.shape:  # a 6-channel encryption has no PSNR to the RGB image
             values["psnr-protected"].append(psnr(protected, x).cpu())
             values["ssim-protected"].append(ssim(protected, x).cpu())
+            if observer is not None:
+                hits["recognisability-protected"].append((observer(protected).argmax(1) == y).cpu())
     per_image = {k: torch.cat(v) for k, v in values.items() if v}
-    return {**{k: summary(v) for k, v in per_image.items()}, "per-image": {k: v.tolist() for k, v in per_image.items()}}
+    result = {**{k: summary(v) for k, v in per_image.items()},
+              **{k: torch.cat(v).double().mean().item() for k, v in hits.items() if v}}
+    return {**result, "per-image": {k: v.tolist() for k, v in per_image.items()}}
 
 
 def load_inverse_net(path: str | Path) -> nn.Module:
     """The attacker's selected inverse network (``best.pt`` of :func:`train_attack`), in eval mode."""
     blob = load_checkpoint(path, "inverse_net")
-    estimator = UNet(blob["base"], blob["depth"], in_channels=blob["in_channels"])
+    estimator = UNet(blob["base"], blob["depth"], in_channels=blob["in_channels"], arch=blob.get("unet-arch", "ours"))
     estimator.load_state_dict(blob["state_dict"])
     return estimator.eval()
 

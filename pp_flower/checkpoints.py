@@ -88,7 +88,7 @@ def load_classifier(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]
 def transform_blob(model: nn.Module, **extra: Any) -> dict[str, Any]:
     """A transformation network (h_θ, or the GAN baseline's generator) as a checkpoint."""
     blob = {"kind": "transform_net", "version": FORMAT_VERSION, "base": model.base, "depth": model.depth,
-            "state_dict": model.state_dict(), **extra}
+            "unet-arch": model.arch, "state_dict": model.state_dict(), **extra}
     if isinstance(model, PositionalUNet):
         blob.update(architecture="positional-unet", pos_channels=model.pos_channels, size=model.size)
     return blob
@@ -100,9 +100,10 @@ def load_transform_net(path: str | os.PathLike, base: int | None = None) -> tupl
     if base is not None and blob["base"] != base:
         raise PPFlowerError(f"{path} holds a U-Net of width {blob['base']}, expected width {base}.")
     if blob.get("architecture") == "positional-unet":
-        model = PositionalUNet(blob["base"], blob["depth"], blob["pos_channels"], blob["size"])
+        model = PositionalUNet(blob["base"], blob["depth"], blob["pos_channels"], blob["size"],
+                               arch=blob.get("unet-arch", "ours"))  # checkpoints before 0.2 hold v0.1's U-Net
     else:
-        model = UNet(base=blob["base"], depth=blob["depth"])
+        model = UNet(base=blob["base"], depth=blob["depth"], arch=blob.get("unet-arch", "ours"))
     try:
         model.load_state_dict(blob["state_dict"])
     except RuntimeError as exc:

@@ -33,6 +33,8 @@ class ClassifierConfig(SGDRecipe):
     key: int = 0        # the baseline's key
     transform: str = ""  # baseline "gan": the GAN generator's transform_net checkpoint
     checkpoint_every: int = 10  # steps between mid-epoch checkpoints (resume points)
+    label_smoothing: float = 0.0  # the paper: none (plain cross-entropy)
+    fast: bool = False  # channels-last + bfloat16 autocast for the training step (evaluation stays fp32)
 
 
 @torch.no_grad()
@@ -114,13 +116,19 @@ def train_classifier(splits: Splits, out_dir: str | Path, cfg: ClassifierConfig,
     num_classes = len(splits.train.classes)
     torch.manual_seed(derive_seed(cfg.seed, "classifier-init"))
     model = build_model(cfg, num_classes).to(device)
+    if cfg.fast:
+        model = model.to(memory_format=torch.channels_last)
     opt = cfg.optimizer(model)
     header = dict(arch=cfg.arch, num_classes=num_classes, baseline=cfg.baseline, key=cfg.key,
                   classes=list(splits.train.classes))
 
     def step(idx: torch.Tensor, g: torch.Generator) -> dict[str, float]:
-        x = model_input(splits.train.images[idx], splits.train_ids[idx], cfg, g if cfg.augment else None)
-        loss = F.cross_entropy(model(x.to(device)), splits.train.labels[idx].to(device))
+        x = model_input(splits.train.images[idx], splits.train_ids[idx], cfg, g if cfg.augment else None).to(device)
+        if cfg.fast:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=cfg.fast):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), splits.train.labels[idx].to(device), label_smoothing=cfg.label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -26,6 +26,7 @@ class AppConfig:
     augment: bool = True            # random crop (pad 4) + horizontal flip
     unet_base: int = 16             # the paper: 64 (widths 64…1024); 16 fits a CPU
     unet_depth: int = 4
+    unet_arch: str = "paper"        # paper: the authors' U-Net (lib/unet.py); ours: v0.1's (transposed convs)
     feature_layer: int = 9          # φ = vgg16().features[:9] → relu2_2
     seed: int = 0
     # --- data handed out by the provider ---
@@ -48,6 +49,7 @@ class AppConfig:
     min_users: int = 0              # wait until this many users' SuperNodes are connected (0 = whoever is there)
     wait_for_users: float = 300.0   # seconds to wait for min-users before giving up
     checkpoint_every: int = 0       # users save a resume point every N steps (0 = at each validation only)
+    keep_epochs: str = ""           # e.g. "1,2,4,8": users also keep h_θ after these epochs (user-K/epoch-E.pt)
     num_threads: int = 0            # torch threads per user process (0 = leave torch's default)
     user_device: str = "auto"
     keep_graph: str = "auto"        # keep | recompute | auto: a live user keeps batch t's autograd graph until
@@ -103,8 +105,17 @@ class AppConfig:
             raise PPFlowerError(f"partition must be 'iid' or 'full', got '{self.partition}'.")
         if self.aggregate not in ("none", "fedavg"):
             raise PPFlowerError(f"aggregate must be 'none' or 'fedavg', got '{self.aggregate}'.")
+        self.kept_epochs()
+        if self.unet_arch not in ("paper", "ours"):
+            raise PPFlowerError(f"unet-arch must be 'paper' or 'ours', got '{self.unet_arch}'.")
         if self.keep_graph not in ("auto", "keep", "recompute"):
             raise PPFlowerError(f"keep-graph must be 'auto', 'keep' or 'recompute', got '{self.keep_graph}'.")
+
+    def kept_epochs(self) -> set[int]:
+        try:
+            return {int(e) for e in self.keep_epochs.replace(" ", "").split(",") if e}
+        except ValueError:
+            raise PPFlowerError(f"keep-epochs must list whole epochs like \"1,2,4,8\", got {self.keep_epochs!r}.") from None
 
     def to_run_config(self) -> dict[str, Any]:
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}

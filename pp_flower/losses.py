@@ -31,3 +31,13 @@ def lr_at(epoch: int, epochs: int, base_lr: float = 0.1, gamma: float = 0.2,
     """The paper's step schedule: ``base_lr`` × ``gamma`` at 30 %, 60 % and 80 % of the epochs (60/120/160 of 200)."""
     passed = sum(epoch >= max(1, round(m * epochs)) for m in milestones)
     return base_lr * gamma**passed
+
+
+def one_cycle_lr(epoch: float, epochs: int, peak_lr: float, warmup: float = 0.2) -> float:
+    """A one-cycle schedule (Smith & Topin 2019) at a fractional epoch: linear warm-up from peak/10 to the peak over
+    the first ``warmup`` of training, then linear decay to 0. It reaches in tens of epochs what the step schedule
+    needs hundreds for: the CPU preset's deviation, the paper uses :func:`lr_at`."""
+    f = min(max(epoch / epochs, 0.0), 1.0)
+    if f < warmup:
+        return peak_lr * (0.1 + 0.9 * f / warmup)
+    return peak_lr * (1.0 - f) / (1.0 - warmup)

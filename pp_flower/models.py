@@ -83,7 +83,8 @@ class ResNet20(nn.Module):
 
 
 class VGG16BN(nn.Module):
-    """VGG16 with batch norm, CIFAR variant: torchvision's 13 conv layers, then one linear layer on 512 features."""
+    """VGG16 with batch norm, CIFAR variant as in the authors' ``lib/vgg.py``: torchvision's 13 conv layers
+    (1×1×512 after five poolings on 32×32), then their 512-512-classes head with dropout."""
 
     def __init__(self, num_classes: int = 10):
         from torchvision.models.vgg import cfgs, make_layers
@@ -91,7 +92,11 @@ class VGG16BN(nn.Module):
         super().__init__()
         self.normalize = Normalize()
         self.features = make_layers(cfgs["D"], batch_norm=True)
-        self.classifier = nn.Linear(512, num_classes)
+        self.classifier = nn.Sequential(
+            nn.Dropout(), nn.Linear(512, 512), nn.ReLU(inplace=True),
+            nn.Dropout(), nn.Linear(512, 512), nn.ReLU(inplace=True),
+            nn.Linear(512, num_classes),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.features(self.normalize(x))
@@ -110,11 +115,22 @@ def build_classifier(arch: str, num_classes: int = 10) -> nn.Module:
 # --- U-Net (Ronneberger et al. 2015) as the transformation network h_θ -----------------------------------
 
 
-def _double_conv(cin: int, cout: int) -> nn.Sequential:
+UNET_ARCHS = ("paper", "ours")
+
+
+def _double_conv(cin: int, cout: int, bias: bool = False) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-        nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+        nn.Conv2d(cin, cout, 3, padding=1, bias=bias), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1, bias=bias), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
     )
+
+
+def _up(cin: int, cout: int, arch: str) -> nn.Module:
+    """The up-path's 2× upsampling: the authors' nearest Upsample + 3×3 conv + BN + ReLU, or a transposed conv."""
+    if arch == "paper":
+        return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cin, cout, 3, padding=1),
+                             nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    return nn.ConvTranspose2d(cin, cout, 2, stride=2)
 
 
 def check_image_size(size: tuple[int, int], depth: int, what: str = "The images") -> None:
@@ -131,19 +147,26 @@ class UNet(nn.Module):
     """U-Net with widths ``base·(1, 2, 4, 8, 16)`` (the paper: base 64 → 64…1024); sigmoid output in [0, 1].
 
     ``depth`` is the number of 2× downsamplings (4 in the paper; inputs must be divisible by 2**depth).
+    ``arch="paper"`` is the authors' U-Net (their ``lib/unet.py``, after LeeJunHyun's): convolutions with biases,
+    a nearest-Upsample + 3×3 conv + BN + ReLU up-path, raw [0, 1] input; 34.5 M parameters at base 64.
+    ``arch="ours"`` (v0.1): bias-free convolutions, transposed-conv up-path, ImageNet-normalised input; 31.0 M.
+    Both end in a sigmoid so that x̂ is an image in [0, 1] (the authors' output is unbounded).
     """
 
-    def __init__(self, base: int = 64, depth: int = 4, in_channels: int = 3, out_channels: int = 3):
+    def __init__(self, base: int = 64, depth: int = 4, in_channels: int = 3, out_channels: int = 3,
+                 arch: str = "paper"):
         super().__init__()
-        self.base, self.depth, self.in_channels = base, depth, in_channels
+        if arch not in UNET_ARCHS:
+            raise ValueError(f"Unknown U-Net architecture '{arch}' (expected one of {', '.join(UNET_ARCHS)}).")
+        self.base, self.depth, self.in_channels, self.arch = base, depth, in_channels, arch
         widths = [base * 2**i for i in range(depth + 1)]
-        self.normalize = Normalize() if in_channels == 3 else nn.Identity()  # ImageNet statistics are RGB
-        self.down = nn.ModuleList([_double_conv(in_channels, widths[0])])
-        self.down.extend(_double_conv(widths[i], widths[i + 1]) for i in range(depth))
-        self.up = nn.ModuleList(
-            nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2) for i in reversed(range(depth))
-        )
-        self.up_conv = nn.ModuleList(_double_conv(2 * widths[i], widths[i]) for i in reversed(range(depth)))
+        bias = arch == "paper"
+        # ImageNet statistics are RGB; the authors feed raw [0, 1] images
+        self.normalize = Normalize() if in_channels == 3 and arch == "ours" else nn.Identity()
+        self.down = nn.ModuleList([_double_conv(in_channels, widths[0], bias)])
+        self.down.extend(_double_conv(widths[i], widths[i + 1], bias) for i in range(depth))
+        self.up = nn.ModuleList(_up(widths[i + 1], widths[i], arch) for i in reversed(range(depth)))
+        self.up_conv = nn.ModuleList(_double_conv(2 * widths[i], widths[i], bias) for i in reversed(range(depth)))
         self.head = nn.Conv2d(widths[0], out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -167,11 +190,11 @@ class PositionalUNet(nn.Module):
     encryption such as pixel-based encryption; with the positional map it can (the GAN-based baseline's G).
     """
 
-    def __init__(self, base: int = 16, depth: int = 4, pos_channels: int = 8, size: int = 32):
+    def __init__(self, base: int = 16, depth: int = 4, pos_channels: int = 8, size: int = 32, arch: str = "paper"):
         super().__init__()
-        self.base, self.depth, self.pos_channels, self.size = base, depth, pos_channels, size
+        self.base, self.depth, self.pos_channels, self.size, self.arch = base, depth, pos_channels, size, arch
         self.positional = nn.Parameter(torch.randn(1, pos_channels, size, size))
-        self.unet = UNet(base, depth, in_channels=3 + pos_channels)
+        self.unet = UNet(base, depth, in_channels=3 + pos_channels, arch=arch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape[-2:]) != (self.size, self.size):
@@ -179,10 +202,10 @@ class PositionalUNet(nn.Module):
         return self.unet(torch.cat([x, self.positional.expand(len(x), -1, -1, -1)], dim=1))
 
 
-def unet_from_state_dict(state_dict: dict[str, torch.Tensor], base: int, depth: int) -> UNet:
+def unet_from_state_dict(state_dict: dict[str, torch.Tensor], base: int, depth: int, arch: str = "paper") -> UNet:
     """A U-Net holding ``state_dict``, built on the meta device so no time goes into a random initialisation."""
     with torch.device("meta"):
-        net = UNet(base, depth)
+        net = UNet(base, depth, arch=arch)
     net.load_state_dict(state_dict, assign=True)
     if isinstance(net.normalize, Normalize):
         net.normalize = Normalize()  # its constants are not part of state dicts

@@ -22,7 +22,7 @@ def train_in_process(cfg: AppConfig, classifier: nn.Module, feature_net: nn.Modu
                      steps_per_epoch: int | None = None, max_steps: int | None = None,
                      device: str = "cpu") -> tuple[nn.Module, list[tuple[float, float]]]:
     """Train h_θ for ``cfg.epochs`` epochs (or ``max_steps``); returns h_θ and (L_class, L_feat) per step."""
-    net = init_transform_net(cfg.unet_base, cfg.unet_depth, cfg.seed, user_index).to(device)
+    net = init_transform_net(cfg.unet_base, cfg.unet_depth, cfg.seed, user_index, cfg.unet_arch).to(device)
     classifier = classifier.to(device).eval()
     opt = make_optimizer(net, cfg.lr, cfg.momentum, cfg.weight_decay)
     spe = steps_per_epoch or math.ceil(len(shard_ids) / cfg.batch_size)

@@ -58,3 +58,84 @@ def save_psnr_boxplot(series: dict[str, list[float]], path: str | Path, title: s
     fig.savefig(path, dpi=150)
     plt.close(fig)
     return path
+
+
+def save_budget_curve(curve: dict[str, list[dict]], plain_accuracy: float, path: str | Path) -> Path:
+    """How h_θ's utility and protection move with its training budget: one line per α over the kept epochs.
+
+    Panels: ψ's test accuracy on x̂ (plain ψ dashed), PSNR to the plain image of x̂ (dotted) and of the ITN-Attack's
+    estimate (solid), and the observer's accuracy on x̂ and on the estimates (chance dashed).
+    """
+    path = Path(path)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for i, (alpha, points) in enumerate(curve.items()):
+        colour = f"C{i}"
+        epochs = [p["epoch"] for p in points]
+        axes[0].plot(epochs, [100 * p["test-accuracy"] for p in points], "o-", color=colour, label=f"α = {alpha}")
+        axes[1].plot(epochs, [p["psnr-estimated"]["median"] for p in points], "o-", color=colour,
+                     label=f"α = {alpha}: ITN estimate")
+        if all("psnr-protected" in p for p in points):
+            axes[1].plot(epochs, [p["psnr-protected"]["median"] for p in points], "s:", color=colour,
+                         label=f"α = {alpha}: protected x̂")
+        if all("recognisability-estimated" in p for p in points):
+            axes[2].plot(epochs, [100 * p["recognisability-estimated"] for p in points], "o-", color=colour,
+                         label=f"α = {alpha}: ITN estimate")
+        if all("recognisability-protected" in p for p in points):
+            axes[2].plot(epochs, [100 * p["recognisability-protected"] for p in points], "s:", color=colour,
+                         label=f"α = {alpha}: protected x̂")
+    axes[0].axhline(100 * plain_accuracy, color="k", ls="--", lw=1, label="ψ on plain images")
+    axes[2].axhline(10, color="grey", ls="--", lw=1, label="chance")
+    titles = ("ψ's test accuracy on x̂ (%)", "median PSNR to the plain image (dB)",
+              "observer's accuracy (%): recognisability")
+    for ax, title in zip(axes, titles):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("epochs of h_θ")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return path
+
+
+def save_frontier(rows: list[dict], arch: str, observer_accuracy: float, path: str | Path) -> Path:
+    """The protection–utility frontier: ψ's accuracy (y) against what the best ITN-Attack recovers (x: median PSNR;
+    second panel: the observer's accuracy on its estimates), one point per α and per baseline. The paper's
+    accuracies are drawn as hollow markers at our measured x (the paper gives no attack PSNR per row)."""
+    path = Path(path)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    xkeys = (("best-attack-psnr", "best ITN-Attack: median PSNR of the estimates (dB)  → less protection", 1.0),
+             ("recognisability-best-attack", "observer's accuracy on the best attack's estimates (%)  → less "
+                                             "protection", 100.0))
+    plain = next(r for r in rows if r["row"] == "plain")
+    for ax, (key, label, scale) in zip(axes, xkeys):
+        alphas = [r for r in rows if r["row"].startswith("alpha") and r.get(key) is not None]
+        xs = [scale * r[key] for r in alphas]
+        ax.plot(xs, [r[arch]["measured"] for r in alphas], "o-", color="C0", label="h_θ (this run), per α")
+        for r, x in zip(alphas, xs):
+            ax.annotate(f"α={r['row'][5:]}", (x, r[arch]["measured"]), fontsize=7, xytext=(4, 4),
+                        textcoords="offset points")
+        paper = [(x, r[arch]["paper"]) for r, x in zip(alphas, xs) if r[arch]["paper"] is not None]
+        if paper:
+            ax.plot(*zip(*paper), "o", mfc="none", color="C0", label="h_θ, the paper's accuracy (Table I)")
+        for i, r in enumerate(r for r in rows if not r["row"].startswith("alpha") and r["row"] != "plain"):
+            if r.get(key) is None:
+                continue
+            x = scale * r[key]
+            ax.plot([x], [r[arch]["measured"]], "s", color=f"C{i + 1}", label=r["method"])
+            if r[arch]["paper"] is not None:
+                ax.plot([x], [r[arch]["paper"]], "s", mfc="none", color=f"C{i + 1}")
+        ax.axhline(plain[arch]["measured"], color="k", ls="--", lw=1, label="ψ on plain images")
+        if key.startswith("recognisability"):
+            ax.axvline(10, color="grey", ls=":", lw=1, label="chance (10 %)")
+            ax.axvline(100 * observer_accuracy, color="grey", ls="--", lw=1, label="observer on plain images")
+        ax.set_xlabel(label, fontsize=9)
+        ax.set_ylabel("ψ's test accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.suptitle("Protection–utility frontier (up and to the left is better)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return path

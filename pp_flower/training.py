@@ -23,7 +23,7 @@ from torch import nn
 
 from pp_flower.checkpoints import load_resume_point, save_atomic
 from pp_flower.errors import PPFlowerError
-from pp_flower.losses import lr_at
+from pp_flower.losses import lr_at, one_cycle_lr
 from pp_flower.progress import track
 from pp_flower.seeds import generator
 
@@ -43,11 +43,13 @@ class SGDRecipe:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     seed: int = 0
+    schedule: str = "step"      # step: the paper's ×0.2 at 30/60/80 %; onecycle: warm-up then linear decay
 
     def __post_init__(self) -> None:
         for name, ok, allowed in (("epochs", self.epochs >= 1, "≥ 1"), ("batch_size", self.batch_size >= 1, "≥ 1"),
                                   ("lr", self.lr > 0, "> 0"), ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
-                                  ("weight_decay", self.weight_decay >= 0, "≥ 0")):
+                                  ("weight_decay", self.weight_decay >= 0, "≥ 0"),
+                                  ("schedule", self.schedule in ("step", "onecycle"), "step or onecycle")):
             if not ok:
                 raise PPFlowerError(f"--{name.replace('_', '-')} must be {allowed}, got {getattr(self, name)!r}.")
 
@@ -55,6 +57,8 @@ class SGDRecipe:
         return torch.optim.SGD(module.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
 
     def lr_at(self, epoch: float) -> float:
+        if self.schedule == "onecycle":
+            return one_cycle_lr(epoch, self.epochs, self.lr)
         return lr_at(int(epoch), self.epochs, self.lr)
 
 

@@ -25,12 +25,12 @@ def user_seed(seed: int, user_index: int) -> int:
     return derive_seed(seed, "user", user_index)
 
 
-def init_transform_net(base: int, depth: int, seed: int, user_index: int):
+def init_transform_net(base: int, depth: int, seed: int, user_index: int, arch: str = "paper"):
     """h_θ at step 0 for a user: a U-Net initialised from the user's seed."""
     from pp_flower.models import UNet
 
     torch.manual_seed(user_seed(seed, user_index))
-    return UNet(base, depth)
+    return UNet(base, depth, arch=arch)
 
 
 def make_optimizer(net: nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:

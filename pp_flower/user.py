@@ -94,7 +94,7 @@ class LiveUser:
         self.device = resolve_device(self.cfg.user_device, self.index)
         self.ids = ids
         self.net: UNet = init_transform_net(self.cfg.unet_base, self.cfg.unet_depth, self.cfg.seed,
-                                            self.index).to(self.device)
+                                            self.index, self.cfg.unet_arch).to(self.device)
         self.opt = make_optimizer(self.net, self.cfg.lr, self.cfg.momentum, self.cfg.weight_decay)
         self.progress: dict = {"step": 0, "pending": False, "best-val": float("inf"), "best-epoch": -1,
                                "val-curve": [], "feature-losses": []}
@@ -142,7 +142,8 @@ class LiveUser:
 
     # run-config keys that change how a run ends, not what h_θ becomes: a resume point ignores them
     MECHANICS = ("run-dir", "step-timeout", "max-failures", "min-users", "wait-for-users", "num-threads",
-                 "user-device", "provider-device", "provider-microbatch", "keep-graph", "eval-chunk", "checkpoint-every")
+                 "user-device", "provider-device", "provider-microbatch", "keep-graph", "eval-chunk", "checkpoint-every",
+                 "keep-epochs")
 
     def resume_key(self) -> dict:
         """What a resume point must match to continue this user: its config, its batches and its images."""
@@ -264,7 +265,7 @@ class LiveUser:
     # --- evaluation ------------------------------------------------------------------------------------
     def _eval_net(self, phase: str) -> UNet:
         if phase == "test" and self.best is not None:
-            return unet_from_state_dict(self.best, self.cfg.unet_base, self.cfg.unet_depth).to(self.device).eval()
+            return unet_from_state_dict(self.best, self.cfg.unet_base, self.cfg.unet_depth, self.cfg.unet_arch).to(self.device).eval()
         return self.net.eval()
 
     def evaluate(self, control: dict, result: dict | None) -> dict:
@@ -318,6 +319,9 @@ class LiveUser:
                 save_atomic(transform_blob(self.net, alpha=self.cfg.alpha, epoch=epoch, val_transform_loss=l_trans),
                             self.out_dir / "best.pt")
             save_atomic(transform_blob(self.net, alpha=self.cfg.alpha, epoch=epoch), self.out_dir / "final.pt")
+            if epoch in self.cfg.kept_epochs():  # h_θ after E epochs, for the budget curve
+                save_atomic(transform_blob(self.net, alpha=self.cfg.alpha, epoch=epoch),
+                            self.out_dir / f"epoch-{epoch}.pt")
             self.save_resume_point()
             return {"val-class-loss": l_class, "val-feature-loss": l_feat, "val-transform-loss": l_trans,
                     "epoch": epoch}

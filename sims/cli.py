@@ -62,6 +62,12 @@ def train_classifier_cmd(
     lr: float = typer.Option(0.1),
     seed: int = typer.Option(0),
     checkpoint_every: int = typer.Option(10, "--checkpoint-every", help="Steps between resume checkpoints."),
+    schedule: str = typer.Option("step", "--schedule", help="step: the paper's lr ×0.2 at 30/60/80 %; onecycle: "
+                                                            "warm-up to --lr, then linear decay to 0 (short runs)."),
+    label_smoothing: float = typer.Option(0.0, "--label-smoothing", min=0.0, max=0.99,
+                                          help="Cross-entropy label smoothing (the paper: 0)."),
+    fast: bool = typer.Option(False, "--fast", help="Channels-last + bfloat16 autocast in the training step "
+                                                    "(evaluation stays fp32); ~1.8× on a CPU with AVX512-BF16."),
     baseline: str = typer.Option("", "--baseline", help="Train ψ on protected images: tanaka, pixel, pixel-per-image, "
                                                         "or gan (with --transform from `ppflower train-gan`)."),
     key: int = typer.Option(0, "--key", help="The baseline's key (stored in the checkpoint and metrics)."),
@@ -79,7 +85,8 @@ def train_classifier_cmd(
         raise PPFlowerError(f"--model must be one of {', '.join(CLASSIFIERS)}, got '{model}'.")
     splits = load_splits(data_dir, seed=seed, limit_train=limit_train, limit_eval=limit_eval)
     cfg = ClassifierConfig(arch=model, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                           checkpoint_every=checkpoint_every, baseline=baseline, key=key,
+                           checkpoint_every=checkpoint_every, baseline=baseline, key=key, schedule=schedule,
+                           label_smoothing=label_smoothing, fast=fast,
                            transform=str(transform or ""))
     metrics = train_classifier(splits, out, cfg, device=resolve_device(device), log=console.print)
     console.print(f"[bold green]ψ ({model}) test accuracy: {metrics['test-accuracy']:.4f}[/]")
@@ -199,13 +206,18 @@ def reproduce(
     data_dir: Optional[Path] = DataDir,
     vgg_weights: Optional[Path] = VggWeights,
     device: str = Device,
+    until: str = typer.Option("", "--until", help="Stop after this stage (e.g. psi-resnet20); rerun without it "
+                                                  "to go on. Stage names are the keys of OUT/stages.json."),
 ):
     """Table I and Figs. 5–7: ψ, h_θ per α (through the Flower app), the baselines and the ITN-Attack.
 
     Every stage is resumable: rerun the same command after an interruption and finished stages are skipped."""
     from sims.reproduce import reproduce as run_reproduce
 
-    result = run_reproduce(preset, out, workdir, data_dir, vgg_weights, resolve_device(device), log=console.print)
+    result = run_reproduce(preset, out, workdir, data_dir, vgg_weights, resolve_device(device), log=console.print,
+                           until=until)
+    if result is None:
+        return
     console.print(f"[bold green]Table I → {(out or Path('results') / preset) / 'table1.md'}[/] "
                   f"({len(result['rows'])} rows)")
 

@@ -63,7 +63,13 @@ class Preset:
     baselines: tuple[str, ...] = ("tanaka", "pixel", "pixel-per-image", "gan")
     limit_train: int = 0          # training images for ψ (0 = all 45,000)
     limit_eval: int = 0           # validation and test images (0 = all 5,000 / 10,000)
-    psi_epochs: int = 200
+    psi: dict = field(default_factory=lambda: {"epochs": 200})  # ClassifierConfig of ψ (plain images)
+    baseline_psi: dict = field(default_factory=dict)  # overrides of ``psi`` for the baseline rows' ψ
+    observer: dict = field(default_factory=lambda: {"epochs": 200, "seed": 1})  # the independent classifier
+    strong_weights: tuple[float, ...] = (0.001, 0.01, 0.1)  # feature-loss weights of the stronger attacker
+    strong_row: str = "alpha0.005"  # the row whose validation loss picks the weight, used on every α row
+    budget_alphas: tuple[float, ...] = (0.0, 0.005)   # the budget curve: h_θ after each of budget_epochs
+    budget_epochs: tuple[int, ...] = ()
     users: int = 1
     transform: dict = field(default_factory=dict)   # run-config overrides of the Flower app (h_θ)
     gan: dict = field(default_factory=dict)         # GanConfig overrides
@@ -75,35 +81,49 @@ class Preset:
 
 PRESETS = {
     "paper": Preset(
-        name="paper", archs=("resnet20", "vgg16"), psi_epochs=200,
-        transform={"epochs": 200, "batch-size": 128, "lr": 0.1, "unet-base": 64},
+        name="paper", archs=("resnet20", "vgg16"), budget_epochs=(1, 2, 4, 8, 16, 32, 64, 128, 200),
+        transform={"epochs": 200, "batch-size": 128, "lr": 0.1, "unet-base": 64, "unet-arch": "paper"},
         gan={"epochs": 200, "unet_base": 64}, attack={"epochs": 200, "unet_base": 64},
         deviations=("JPEG-q75 re-encoded CIFAR-10 when run on ../shared/data (the paper: the original PNGs).",
                     "The GAN-based transformation follows our reading of arXiv:2006.01342 (pix2pix objective, "
                     "pixel-based encryption as the target domain, generator with a learned positional map).")),
     "cpu": Preset(
-        name="cpu", archs=("resnet20",), psi_epochs=6, limit_train=20_000, limit_eval=2_000,
-        transform={"epochs": 5, "batch-size": 64, "lr": 0.03, "unet-base": 16, "limit-train": 8_192,
-                   "eval-chunk": 500},
+        name="cpu", archs=("resnet20",), alphas=(0.0, 0.005, 0.01, 0.05, 0.1),
+        psi={"epochs": 18, "batch_size": 128, "lr": 0.15, "schedule": "onecycle", "label_smoothing": 0.1,
+             "fast": True},
+        baseline_psi={"epochs": 6},
+        observer={"epochs": 10, "batch_size": 128, "lr": 0.15, "schedule": "onecycle", "label_smoothing": 0.1,
+                  "fast": True, "seed": 1},
+        budget_epochs=(1, 2, 4, 8),
+        transform={"epochs": 8, "batch-size": 64, "lr": 0.03, "unet-base": 16, "unet-arch": "paper",
+                   "limit-train": 4_096, "eval-chunk": 500, "keep-epochs": "1,2,4,8"},
         gan={"epochs": 3, "unet_base": 16, "batch_size": 64, "lr": 1e-3}, gan_limit_train=8_192,
         attack={"epochs": 3, "unet_base": 16, "batch_size": 64}, attack_limit_train=4_096,
         deviations=(
             "Only the ResNet-20 column (VGG16-BN: `--preset paper`).",
-            "ψ (every row): 6 epochs on the first 20,000 of the 45,000 training images (the paper: 200 epochs, 45,000); "
-            "lr ×0.2 at 30/60/80 % of the epochs as in the paper.",
-            "Validation and test on 2,000 images each (the paper: 5,000 / 10,000).",
-            "h_θ: U-Net width 16 (the paper: 64), 5 epochs (the paper: 200) on 8,192 images (640 steps), batch 64, "
-            "lr 0.03 (the paper: 0.1, which at 640 steps pushes the images away faster than ψ's loss can follow: "
-            "accuracy 20 % at α = 0.005 in a 384-step trial), one user.",
-            "GAN-based transformation: generator U-Net width 16 with a learned positional map, 3 epochs on 8,192 "
-            "images, Adam lr 1e-3 (pix2pix: 2e-4); our reading of arXiv:2006.01342 (pix2pix objective, pixel-based "
-            "encryption as the target domain).",
-            "ITN-Attack: U-Net width 16 (the paper: 64), 3 epochs (the paper: 200) on 4,096 pairs, batch 64.",
+            "ψ (plain): 18 epochs on all 45,000 training images with a one-cycle schedule (peak lr 0.15, linear "
+            "warm-up over 20 %, linear decay to 0), label smoothing 0.1, batch 128, channels-last + bfloat16 "
+            "autocast in the training step (evaluation in fp32). The paper: 200 epochs, lr 0.1 × 0.2 at 30/60/80 %.",
+            "ψ of the baseline rows (Tanaka, pixel, GAN): the same recipe for 6 epochs, so those rows carry a "
+            "shorter-trained ψ than the plain and h_θ rows.",
+            "α rows 0, 0.005, 0.01, 0.05, 0.1 (the paper's Table I has 0.005–0.1; 0.001 is left out for time).",
+            "h_θ: the authors' U-Net at width 16 (the paper: 64), 8 epochs of 4,096 images (512 steps; the paper: "
+            "200 epochs of 45,000), batch 64, lr 0.03 × 0.2 at 30/60/80 %, one user, through the Flower app.",
+            "h_θ ends in a sigmoid so x̂ is an image in [0, 1]; the authors' U-Net output is unbounded.",
+            "GAN-based transformation: generator (the authors' U-Net family, width 16, with a learned positional "
+            "map), 3 epochs on 8,192 images, Adam lr 1e-3 (pix2pix: 2e-4); our reading of arXiv:2006.01342.",
+            "ITN-Attack: the authors' U-Net at width 16 (the paper: 64), 3 epochs (the paper: 200) on 4,096 pairs, "
+            "batch 64. The stronger attacker adds a VGG16 relu2_2 feature loss; its weight is chosen on the α = "
+            "0.005 row's validation MSE from 0.001, 0.01, 0.1 and then used on every α row.",
+            "Recognisability: a second ResNet-20 (seed 1, 10 epochs, same recipe), trained only on plain images, "
+            "classifies protected images and ITN estimates.",
             "JPEG-q75 re-encoded CIFAR-10 (../shared/data); the paper used the original PNGs.",
         )),
     "smoke": Preset(  # the pipeline end to end in a few minutes: for tests, not for numbers
-        name="smoke", alphas=(0.005, 0.1), psi_epochs=1, limit_train=512, limit_eval=200,
-        transform={"epochs": 1, "batch-size": 64, "unet-base": 8, "limit-train": 256, "eval-chunk": 200},
+        name="smoke", alphas=(0.0, 0.005, 0.1), psi={"epochs": 1}, observer={"epochs": 1, "seed": 1},
+        strong_weights=(0.01, 0.1), budget_epochs=(1,), limit_train=512, limit_eval=200,
+        transform={"epochs": 1, "batch-size": 64, "unet-base": 8, "limit-train": 256, "eval-chunk": 200,
+                   "keep-epochs": "1"},
         gan={"epochs": 1, "unet_base": 8, "batch_size": 64}, gan_limit_train=256,
         attack={"epochs": 1, "unet_base": 8, "batch_size": 64}, attack_limit_train=256,
         deviations=("Smoke-test scale: every number here is meaningless.",)),
@@ -114,10 +134,14 @@ def _row_key(alpha: float) -> str:
     return f"alpha{alpha:g}"
 
 
+class StopAfter(Exception):
+    """``--until STAGE`` reached: the run stops there, resumable by the same command without ``--until``."""
+
+
 class Reproduction:
     def __init__(self, preset: Preset, out: Path, workdir: Path, data_dir=None, vgg_weights=None,
-                 device: str = "cpu", log=print):
-        self.preset, self.out, self.work = preset, Path(out), Path(workdir)
+                 device: str = "cpu", log=print, until: str = ""):
+        self.preset, self.out, self.work, self.until = preset, Path(out), Path(workdir), until
         self.data_dir, self.vgg_weights, self.device, self.log = data_dir, vgg_weights, device, log
         from pp_flower.checkpoints import ensure_writable_dir
 
@@ -141,6 +165,7 @@ class Reproduction:
         """Run ``run()`` unless ``done`` exists; record its wall time (summed over resumed attempts)."""
         if done.exists():
             self.log(f"[dim]✓ {name}: done ({done})[/]")
+            self._maybe_stop(name)
             return
         self.log(f"[bold]▶ {name}[/]")
         started = time.time()
@@ -156,16 +181,28 @@ class Reproduction:
             self.stages_file.write_text(json.dumps(self.stages, indent=2))
         if not done.exists():
             raise PPFlowerError(f"Stage {name} ended without writing {done}.")
+        self._maybe_stop(name)
+
+    def _maybe_stop(self, name: str) -> None:
+        if self.until == name:
+            raise StopAfter(name)
 
     # --- stages ------------------------------------------------------------------------------------------
-    def classifier(self, arch: str, baseline: str = "", transform: str = "") -> Path:
+    def classifier(self, arch: str, baseline: str = "", transform: str = "", role: str = "psi") -> Path:
+        """ψ (``role="psi"``), or the independent observer that measures recognisability (``role="observer"``)."""
         from pp_flower.classifier import ClassifierConfig, train_classifier
 
-        name = f"psi-{arch}" + (f"-{baseline}" if baseline else "")
+        name = f"{role}-{arch}" + (f"-{baseline}" if baseline else "")
         out = self.work / name
-        cfg = ClassifierConfig(arch=arch, epochs=self.preset.psi_epochs, baseline=baseline,
-                               key=BASELINE_KEYS.get(baseline, 0), transform=transform)
-        cmd = (f"ppflower train-classifier --model {arch} --epochs {cfg.epochs}"
+        recipe = self.preset.observer if role == "observer" else {
+            **self.preset.psi, **(self.preset.baseline_psi if baseline else {})}
+        cfg = ClassifierConfig(arch=arch, baseline=baseline, key=BASELINE_KEYS.get(baseline, 0), transform=transform,
+                               **recipe)
+        defaults = ClassifierConfig()
+        options = "".join(f" --{k.replace('_', '-')} {v}" for k, v in asdict(cfg).items()
+                          if k in ("epochs", "batch_size", "lr", "seed", "schedule", "label_smoothing")
+                          and v != getattr(defaults, k))
+        cmd = (f"ppflower train-classifier --model {arch}{options}" + (" --fast" if cfg.fast else "")
                + (f" --limit-train {self.preset.limit_train}" if self.preset.limit_train else "")
                + (f" --limit-eval {self.preset.limit_eval}" if self.preset.limit_eval else "")
                + (f" --baseline {baseline} --key {cfg.key}" if baseline else "")
@@ -212,21 +249,48 @@ class Reproduction:
                    + f" --out {out}")
         return out
 
-    def attack(self, row: str, target) -> Path:
-        from pp_flower.attack import AttackConfig, train_attack
+    def attack(self, row: str, target, target_id: str, perceptual: float = 0.0, stage: str = "") -> Path:
+        """The ITN-Attack on one row (``perceptual`` > 0: the stronger attacker), with recognisability."""
+        from pp_flower.attack import AttackConfig, target_fingerprint, train_attack
 
-        out = self.work / f"attack-{row}"
-        cfg = AttackConfig(**self.preset.attack)
-        self.stage(f"attack-{row}", out / "attack.json",
+        stage = stage or f"attack-{row}" + (f"-strong-w{perceptual:g}" if perceptual else "")
+        out = self.work / stage
+        cfg = AttackConfig(**{**self.preset.attack, "perceptual": perceptual})
+        observer_path = self.work / f"observer-{self.preset.archs[0]}" / "best.pt"
+        observer = self._observer(observer_path)
+        self.stage(stage, out / "attack.json",
                    lambda: train_attack(target, self.splits(self.preset.attack_limit_train), out, cfg, self.device,
-                                        name=ROW_NAMES[row], log=self.log),
+                                        name=ROW_NAMES.get(row, row), log=self.log, target_id=target_id,
+                                        observer=(observer, target_fingerprint(observer_path))),
                    f"ppflower attack ... --epochs {cfg.epochs} --unet-base {cfg.unet_base} "
-                   f"--limit-train {self.preset.attack_limit_train} --out {out}")
+                   + (f"--strong {perceptual:g} " if perceptual else "")
+                   + f"--limit-train {self.preset.attack_limit_train} --out {out}")
         return out
+
+    def _observer(self, path: Path):
+        from pp_flower.checkpoints import load_classifier
+
+        if not hasattr(self, "_observer_net"):
+            self._observer_net = load_classifier(path)[0].eval()
+        return self._observer_net
+
+    @torch.no_grad()
+    def protected_accuracy(self, psi: Path, net) -> float:
+        """ψ's test accuracy on h_θ(x) in this process (the Flower app's is proven equal; the budget curve's
+        intermediate h_θ never went through a test round)."""
+        from pp_flower.checkpoints import load_classifier
+        from pp_flower.data import to_float
+
+        model = load_classifier(psi / "best.pt")[0].eval()
+        test = self.splits(self.preset.attack_limit_train).test
+        correct = 0
+        for idx in torch.split(torch.arange(len(test)), 500):
+            correct += (model(net(to_float(test.images[idx]))).argmax(1) == test.labels[idx]).sum().item()
+        return correct / len(test)
 
     # --- the whole thing ---------------------------------------------------------------------------------
     def run(self) -> dict:
-        from pp_flower.attack import network_target
+        from pp_flower.attack import network_target, target_fingerprint
         from pp_flower.baselines import BASELINES
         from pp_flower.checkpoints import load_transform_net
 
@@ -234,19 +298,32 @@ class Reproduction:
         started = time.time()
         columns: dict[str, dict[str, dict]] = {}
         transforms: dict[str, Path] = {}
+        first = p.archs[0]
+
+        def h_target(path: Path):
+            return network_target(load_transform_net(path)[0], self.device), target_fingerprint(path)
+
+        # the science first: ψ, the observer, h_θ per α and its attacks; the baselines after
+        psis = {arch: self.classifier(arch) for arch in p.archs}
+        self.classifier(first, role="observer")
         for arch in p.archs:
             col = columns.setdefault(arch, {})
-            psi = self.classifier(arch)
-            col["plain"] = {"accuracy": _json(psi / "metrics.json")["test-accuracy"]}
+            col["plain"] = {"accuracy": _json(psis[arch] / "metrics.json")["test-accuracy"]}
             for alpha in p.alphas:
-                run_dir = self.transform(arch, alpha, psi)
+                run_dir = self.transform(arch, alpha, psis[arch])
                 user = _json(run_dir / "user-0" / "metrics.json")
                 col[_row_key(alpha)] = {"accuracy": user["test-accuracy"],
                                         "accuracy-per-user": [
                                             _json(d / "metrics.json")["test-accuracy"]
                                             for d in sorted(run_dir.glob("user-*"))]}
-                if arch == p.archs[0]:
+                if arch == first:
                     transforms[_row_key(alpha)] = run_dir / "user-0" / "best.pt"
+        attacks = {row: self.attack(row, *h_target(path)) for row, path in transforms.items()}
+        strong = self.strong_attacks(transforms, h_target)
+        budget = self.budget_curve(psis[first], h_target)
+
+        for arch in p.archs:
+            col = columns[arch]
             for baseline in p.baselines:
                 generator = ""
                 if baseline == "gan":
@@ -255,18 +332,69 @@ class Reproduction:
                 psi_b = self.classifier(arch, baseline, generator)
                 col[baseline] = {"accuracy": _json(psi_b / "metrics.json")["test-accuracy"],
                                  "key": BASELINE_KEYS.get(baseline, GAN_TARGET_KEY if baseline == "gan" else None)}
-
-        attacks = {}
-        for row, path in transforms.items():
-            attacks[row] = self.attack(row, network_target(load_transform_net(path)[0], self.device))
+        if "gan" in transforms:
+            attacks["gan"] = self.attack("gan", *h_target(transforms["gan"]))
         for baseline in p.baselines:
             if baseline in BASELINES:
-                attacks[baseline] = self.attack(baseline, BASELINES[baseline](BASELINE_KEYS[baseline]))
-        return self.report(columns, attacks, transforms, time.time() - started)
+                attacks[baseline] = self.attack(baseline, BASELINES[baseline](BASELINE_KEYS[baseline]),
+                                                f"{baseline}:key{BASELINE_KEYS[baseline]}")
+        return self.report(columns, attacks, strong, budget, transforms, time.time() - started)
+
+    def strong_attacks(self, transforms: dict[str, Path], h_target) -> dict[str, Path]:
+        """The stronger attacker on every α row, its feature-loss weight chosen on one row's validation MSE."""
+        p = self.preset
+        alpha_rows = [r for r in transforms if r.startswith("alpha")]
+        if not p.strong_weights or p.strong_row not in transforms:
+            return {}
+        sweep = {w: self.attack(p.strong_row, *h_target(transforms[p.strong_row]), perceptual=w)
+                 for w in p.strong_weights}
+        val = {w: min(h["val-loss"] for h in _json(path / "attack.json")["history"]) for w, path in sweep.items()}
+        best = min(val, key=val.get)
+        (self.out / "strong_sweep.json").write_text(json.dumps(
+            {"row": p.strong_row, "val-mse": {f"{w:g}": v for w, v in val.items()}, "chosen": best}, indent=2))
+        self.log(f"Stronger attacker: feature-loss weight {best:g} (validation MSE {val[best]:.5f} on {p.strong_row})")
+        return {row: sweep[best] if row == p.strong_row else
+                self.attack(row, *h_target(transforms[row]), perceptual=best) for row in alpha_rows}
+
+    def budget_curve(self, psi: Path, h_target) -> dict:
+        """Test accuracy, protected PSNR and the ITN-Attack after 1, 2, 4, … epochs of h_θ (snapshots of the
+        α rows' runs, kept with run-config ``keep-epochs``)."""
+        from pp_flower.checkpoints import load_transform_net
+
+        p, arch = self.preset, self.preset.archs[0]
+        curve: dict = {}
+        for alpha in p.budget_alphas:
+            if alpha not in p.alphas:
+                continue
+            points = []
+            for epoch in p.budget_epochs:
+                path = self.work / f"transform-{arch}-a{alpha:g}" / "user-0" / f"epoch-{epoch}.pt"
+                if not path.exists():
+                    raise PPFlowerError(f"{path} is missing: the α = {alpha:g} run did not keep epoch {epoch} "
+                                        f"(run-config keep-epochs).")
+                target, target_id = h_target(path)
+                out = self.attack(f"budget-a{alpha:g}-e{epoch}", target, target_id,
+                                  stage=f"attack-budget-a{alpha:g}-e{epoch}")
+                result = _json(out / "attack.json")
+                points.append({"epoch": epoch,
+                               "test-accuracy": self.protected_accuracy(psi, load_transform_net(path)[0]),
+                               **{k: result[k] for k in ("psnr-protected", "ssim-protected", "psnr-estimated",
+                                                         "ssim-estimated", "recognisability-protected",
+                                                         "recognisability-estimated") if k in result}})
+            curve[f"{alpha:g}"] = points
+        if curve:
+            plain = _json(psi / "metrics.json")["test-accuracy"]
+            (self.out / "budget_curve.json").write_text(json.dumps({"plain-accuracy": plain, "alphas": curve},
+                                                                   indent=2))
+            from pp_flower.report import save_budget_curve
+
+            save_budget_curve(curve, plain, self.out / "fig_budget_curve.png")
+        return curve
 
     # --- report ------------------------------------------------------------------------------------------
-    def report(self, columns: dict, attacks: dict[str, Path], transforms: dict[str, Path], wall: float) -> dict:
-        from pp_flower.report import save_psnr_boxplot
+    def report(self, columns: dict, attacks: dict[str, Path], strong: dict[str, Path], budget: dict,
+               transforms: dict[str, Path], wall: float) -> dict:
+        from pp_flower.report import save_frontier, save_psnr_boxplot
 
         p = self.preset
         rows = ["plain", *(b for b in ("tanaka", "pixel", "pixel-per-image", "gan") if b in p.baselines),
@@ -288,14 +416,31 @@ class Reproduction:
                 entry["protected-ssim"] = r.get("ssim-protected")
                 entry["itn-psnr"] = r["psnr-estimated"]
                 entry["itn-ssim"] = r["ssim-estimated"]
+                entry["recognisability-protected"] = r.get("recognisability-protected")
+                entry["recognisability-itn"] = r.get("recognisability-estimated")
+                # the better of the paper's attacker and the stronger one (higher median PSNR)
+                best = r
+                if row in strong:
+                    s = _json(strong[row] / "attack.json")
+                    entry["strong-psnr"], entry["strong-ssim"] = s["psnr-estimated"], s["ssim-estimated"]
+                    entry["strong-weight"] = s["config"]["perceptual"]
+                    if s["psnr-estimated"]["median"] > r["psnr-estimated"]["median"]:
+                        best = s
+                    entry["recognisability-best-attack"] = max(r.get("recognisability-estimated", 0.0),
+                                                               s.get("recognisability-estimated", 0.0))
+                else:
+                    entry["recognisability-best-attack"] = r.get("recognisability-estimated")
+                entry["best-attack-psnr"] = max(r["psnr-estimated"]["median"], best["psnr-estimated"]["median"])
+                entry["best-attack-ssim"] = max(r["ssim-estimated"]["median"], best["ssim-estimated"]["median"])
             table.append(entry)
 
-        self.copy_stage_outputs(columns, attacks)
+        self.copy_stage_outputs(columns, {**attacks, **{f"{row}-strong": path for row, path in strong.items()}})
         total_wall = sum(s["wall-seconds"] for s in self.stages.values())
         meta = {"preset": asdict(p), "command": " ".join(["ppflower", "reproduce", "--preset", p.name]),
                 "commit": _git_commit(), "machine": _machine(), "device": self.device,
                 "wall-seconds-all-stages": round(total_wall, 1), "wall-seconds-this-invocation": round(wall, 1),
-                "stages": self.stages, "data": portable(str(self.data_dir or "torchvision CIFAR-10"))}
+                "stages": self.stages, "data": portable(str(self.data_dir or "torchvision CIFAR-10")),
+                "observer-accuracy": _json(self.work / f"observer-{p.archs[0]}" / "metrics.json")["test-accuracy"]}
         (self.out / "table1.json").write_text(json.dumps({"meta": meta, "rows": table}, indent=2))
         (self.out / "table1.md").write_text(_markdown(table, p, meta))
         self.log(f"Table I → {self.out / 'table1.md'}")
@@ -309,15 +454,16 @@ class Reproduction:
                 boxes[f"{row}\nITN estimate"] = per["psnr-estimated"]
         save_psnr_boxplot(boxes, self.out / "fig7_psnr_boxplot.png",
                           title="PSNR to the plain test images: protected images and ITN-Attack estimates")
+        save_frontier(table, p.archs[0], meta["observer-accuracy"], self.out / "fig_frontier.png")
         self.figures(transforms, attacks)
-        return {"meta": meta, "rows": table}
+        return {"meta": meta, "rows": table, "budget": budget}
 
     def copy_stage_outputs(self, columns: dict, attacks: dict[str, Path]) -> None:
         """The small per-stage JSON files next to the table, so every cell can be traced to its source."""
         def copy(src: Path, dest: Path) -> None:  # with this machine's paths made relative to the repo
             dest.write_text(portable(src.read_text()))
 
-        for d in sorted(self.work.glob("psi-*")) + sorted(self.work.glob("gan")):
+        for d in sorted(self.work.glob("psi-*")) + sorted(self.work.glob("observer-*")) + sorted(self.work.glob("gan")):
             if (d / "metrics.json").exists():
                 copy(d / "metrics.json", self.out / f"{d.name}.json")
         for d in sorted(self.work.glob("transform-*")):
@@ -372,18 +518,27 @@ def _fmt(v, digits: int = 2) -> str:
     return "—" if v is None else f"{v:.{digits}f}"
 
 
+def _pct(v, row: str) -> str:
+    return ("—" if row == "plain" else "n/a") if v is None else f"{100 * v:.1f}"
+
+
 def _markdown(table: list[dict], p: Preset, meta: dict) -> str:
     lines = [f"# Table I — preset `{p.name}`", "",
              "Test accuracy of ψ on each kind of image (%), measured by this product on the same data, beside the "
              "paper's Table I; protected-image PSNR and the ITN-Attack's estimate PSNR (medians over the test "
-             "images, dB; lower = better protection).", "",
+             "images, dB; lower = better protection). *Best attack*: the better of the paper's ITN-Attack and a "
+             "stronger one with a VGG16 feature loss (weight chosen on validation, `strong_sweep.json`). "
+             "*Recognisable*: test accuracy (%) of an independent classifier trained on plain images (the "
+             "observer), on the protected images and on the better attack's estimates; chance is 10 %, plain "
+             f"images give the observer's {100 * meta.get('observer-accuracy', float('nan')):.1f} %.", "",
              "## Deviations from the paper", "", *(f"- {d}" for d in p.deviations), "",
              "## Table", ""]
     head = ["Method"]
     for arch in p.archs:
         name = {"resnet20": "ResNet-20", "vgg16": "VGG16-BN"}[arch]
         head += [f"{name} measured", f"{name} paper"]
-    head += ["protected PSNR", "ITN-Attack PSNR", "ITN-Attack SSIM"]
+    head += ["protected PSNR", "ITN-Attack PSNR", "ITN-Attack SSIM", "best attack PSNR / SSIM",
+             "recognisable: protected", "recognisable: best attack"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in table:
         key = e.get("key")
@@ -394,7 +549,11 @@ def _markdown(table: list[dict], p: Preset, meta: dict) -> str:
         prot = e.get("protected-psnr")
         cells += [("—" if e["row"] == "plain" else "n/a (6 channels)") if prot is None else _fmt(prot["median"]),
                   _fmt(e["itn-psnr"]["median"]) if "itn-psnr" in e else "—",
-                  _fmt(e["itn-ssim"]["median"], 3) if "itn-ssim" in e else "—"]
+                  _fmt(e["itn-ssim"]["median"], 3) if "itn-ssim" in e else "—",
+                  f"{_fmt(e['best-attack-psnr'])} / {_fmt(e['best-attack-ssim'], 3)}" if "best-attack-psnr" in e
+                  else "—",
+                  _pct(e.get("recognisability-protected"), e["row"]), _pct(e.get("recognisability-best-attack"),
+                                                                           e["row"])]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Paper columns: the numbers printed in the paper's Table I; — where the paper gives none. "
               "Every measured cell comes from this run's JSON files (`table1.json`, `attack/*.json`).", "",
@@ -437,12 +596,18 @@ def _machine() -> str:
 
 
 def reproduce(preset: str, out: Path | None = None, workdir: Path | None = None, data_dir=None, vgg_weights=None,
-              device: str = "cpu", log=print, **overrides) -> dict:
+              device: str = "cpu", log=print, until: str = "", **overrides) -> dict | None:
+    """Run (or resume) every stage of ``preset`` and write its table and figures; ``until`` stops after that
+    stage (returns None)."""
     if preset not in PRESETS:
         raise PPFlowerError(f"Unknown preset '{preset}' (known: {', '.join(PRESETS)}).")
     p = replace(PRESETS[preset], **overrides)
     if vgg_weights:
         os.environ["PPFLOWER_VGG_WEIGHTS"] = str(vgg_weights)
     repro = Reproduction(p, out or Path("results") / preset, workdir or Path("runs") / f"reproduce-{preset}",
-                         data_dir, vgg_weights, device, log)
-    return repro.run()
+                         data_dir, vgg_weights, device, log, until)
+    try:
+        return repro.run()
+    except StopAfter as stop:
+        log(f"Stopped after stage {stop} (--until); rerun without --until to go on.")
+        return None

@@ -490,7 +490,7 @@ class ProviderStrategy(Strategy):
                     for u in users if u.pending is None]
         for node, reply in self.exchange(grid, messages, self.cfg.step_timeout, "average").items():
             self._reply_ok(self.users[node], reply)
-        net = UNet(self.cfg.unet_base, self.cfg.unet_depth)
+        net = UNet(self.cfg.unet_base, self.cfg.unet_depth, arch=self.cfg.unet_arch)
         net.load_state_dict(average)
         save_atomic(transform_blob(net, alpha=self.cfg.alpha, aggregate="fedavg"),
                     Path(self.cfg.run_dir) / "public_transform_net.pt")

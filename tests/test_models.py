@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from pp_flower.models import UNet, build_classifier, count_parameters
@@ -16,7 +17,11 @@ def test_vgg16_bn_shape_and_size():
     bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
     assert len(convs) == 13 and len(bns) == 13
-    assert count_parameters(net) == 14_728_266  # 13 conv+BN layers of VGG16 + Linear(512, 10)
+    # the authors' head (lib/vgg.py): Dropout, 512→512, ReLU, Dropout, 512→512, ReLU, 512→10
+    linears = [m for m in net.classifier if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(512, 512), (512, 512), (512, 10)]
+    assert sum(isinstance(m, torch.nn.Dropout) for m in net.classifier) == 2
+    assert count_parameters(net) == 14_723_136 + 512 * 512 + 512 + 512 * 512 + 512 + 512 * 10 + 10
 
 
 def test_unet_range_widths_and_shape():
@@ -28,7 +33,20 @@ def test_unet_range_widths_and_shape():
     paper = UNet()  # the paper's widths 64 → 1024
     widths = [block[0].out_channels for block in paper.down]
     assert widths == [64, 128, 256, 512, 1024]
-    assert 31_000_000 < count_parameters(paper) < 31_100_000
+
+
+def test_unet_paper_matches_the_authors():
+    """The authors' U-Net (lib/unet.py) has 34,527,171 parameters at width 64 (biased convs, Upsample + conv up-path,
+    raw input); v0.1's transposed-conv U-Net keeps its 31,037,763."""
+    paper = UNet(64, arch="paper")
+    assert count_parameters(paper) == 34_527_171
+    assert all(m.bias is not None for m in paper.modules() if isinstance(m, torch.nn.Conv2d))
+    assert all(isinstance(up[0], torch.nn.Upsample) and up[0].mode == "nearest" for up in paper.up)
+    assert isinstance(paper.normalize, torch.nn.Identity)  # raw [0, 1] images, as the authors feed them
+    assert count_parameters(UNet(64, arch="ours")) == 31_037_763
+    assert UNet(16).arch == "paper"  # the default
+    with pytest.raises(ValueError, match="Unknown U-Net"):
+        UNet(8, arch="nope")
 
 
 def test_models_normalise_inside():

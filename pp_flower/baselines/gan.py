@@ -43,6 +43,7 @@ class GanConfig:
     l1_weight: float = 100.0       # λ
     unet_base: int = 16
     unet_depth: int = 4
+    unet_arch: str = "paper"
     pos_channels: int = 8          # channels of G's learned positional map
     target: str = "pixel"          # the encryption whose outputs D treats as real: pixel | pixel-per-image
     key: int = 0                   # that encryption's key (only used for training; G itself has no key)
@@ -87,7 +88,7 @@ def train_gan_transform(splits: Splits, out_dir: str | Path, cfg: GanConfig, dev
         return json.loads(done.read_text())
     torch.manual_seed(derive_seed(cfg.seed, "gan-init"))
     size = splits.train.images.shape[-1]
-    generator = PositionalUNet(cfg.unet_base, cfg.unet_depth, cfg.pos_channels, size).to(device)
+    generator = PositionalUNet(cfg.unet_base, cfg.unet_depth, cfg.pos_channels, size, arch=cfg.unet_arch).to(device)
     discriminator = PatchDiscriminator().to(device)
     opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))
