@@ -120,8 +120,8 @@ PRESETS = {
             "JPEG-q75 re-encoded CIFAR-10 (../shared/data); the paper used the original PNGs.",
         )),
     "smoke": Preset(  # the pipeline end to end in a few minutes: for tests, not for numbers
-        name="smoke", alphas=(0.0, 0.005, 0.1), psi={"epochs": 1}, observer={"epochs": 1, "seed": 1},
-        strong_weights=(0.01, 0.1), budget_epochs=(1,), limit_train=512, limit_eval=200,
+        name="smoke", alphas=(0.005, 0.1), psi={"epochs": 1}, observer={"epochs": 1, "seed": 1},
+        strong_weights=(0.01, 0.1), budget_alphas=(0.005,), budget_epochs=(1,), limit_train=512, limit_eval=200,
         transform={"epochs": 1, "batch-size": 64, "unet-base": 8, "limit-train": 256, "eval-chunk": 200,
                    "keep-epochs": "1"},
         gan={"epochs": 1, "unet_base": 8, "batch_size": 64}, gan_limit_train=256,
