@@ -149,6 +149,8 @@ class Reproduction:
         ensure_writable_dir(self.work, "--workdir")
         self.stages_file = self.out / "stages.json"
         self.stages = json.loads(self.stages_file.read_text()) if self.stages_file.exists() else {}
+        for name, entry in self.stages.items():  # stages.json of 0.1 spelt its keys with underscores
+            self.stages[name] = {k.replace("_", "-"): v for k, v in entry.items()}
         self._splits = {}
 
     # --- bookkeeping -------------------------------------------------------------------------------------
@@ -168,6 +170,8 @@ class Reproduction:
             self._maybe_stop(name)
             return
         self.log(f"[bold]▶ {name}[/]")
+        if command and self.stages.get(name, {}).get("command") not in (None, portable(command)):
+            del self.stages[name]  # another recipe's wall time (an older preset) is not this stage's
         started = time.time()
         try:
             run()
