@@ -20,10 +20,11 @@ from pp_flower.config import AppConfig
 # The budget, chosen by in-process trials on the 2-core box (BENCHMARKS.md, "Demo budget"): ψ 8 epochs on 10,000
 # images reaches 52 %; h_θ (width 8, 640 steps per user) at α = 0.003 kept 48–50 % at 12–13 dB, where α = 0.005
 # lost more (44–49 %) for no lower PSNR, and α = 0.002 kept 50 % but at 19 dB (images like the plain ones).
+# Those trials used v0.1's U-Net ("ours"), the faster one at this width (BENCHMARKS.md), so the demo keeps it.
 CLASSIFIER = dict(epochs=8, limit_train=10000, limit_eval=1000, batch_size=128)
-SIMULATION = {"alpha": 0.003, "epochs": 10, "batch-size": 32, "lr": 0.01, "unet-base": 8, "limit-train": 4096,
-              "limit-eval": 1000, "eval-chunk": 500}
-ATTACK = dict(epochs=2, batch_size=64, unet_base=8, limit_train=2048, limit_eval=1000)
+SIMULATION = {"alpha": 0.003, "epochs": 10, "batch-size": 32, "lr": 0.01, "unet-base": 8, "unet-arch": "ours",
+              "limit-train": 4096,              "limit-eval": 1000, "eval-chunk": 500}
+ATTACK = dict(epochs=2, batch_size=64, unet_base=8, unet_arch="ours", limit_train=2048, limit_eval=1000)
 
 
 def run_demo(out: Path, data_dir=None, vgg_weights=None, device: str = "cpu", log=print) -> dict:
@@ -64,7 +65,8 @@ def run_demo(out: Path, data_dir=None, vgg_weights=None, device: str = "cpu", lo
     from pp_flower.attack import AttackConfig
     from pp_flower.evaluation import attack_targets
 
-    acfg = AttackConfig(epochs=ATTACK["epochs"], batch_size=ATTACK["batch_size"], unet_base=ATTACK["unet_base"])
+    acfg = AttackConfig(epochs=ATTACK["epochs"], batch_size=ATTACK["batch_size"], unet_base=ATTACK["unet_base"],
+                        unet_arch=ATTACK["unet_arch"])
     attacks = attack_targets(run_dir=sim_dir, out=out / "attack", cfg=acfg, data_dir=data_dir,
                              limit_train=ATTACK["limit_train"], limit_eval=ATTACK["limit_eval"], device=device, log=log)
 
