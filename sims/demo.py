@@ -23,7 +23,7 @@ from pp_flower.config import AppConfig
 # Those trials used v0.1's U-Net ("ours"), the faster one at this width (BENCHMARKS.md), so the demo keeps it.
 CLASSIFIER = dict(epochs=8, limit_train=10000, limit_eval=1000, batch_size=128)
 SIMULATION = {"alpha": 0.003, "epochs": 10, "batch-size": 32, "lr": 0.01, "unet-base": 8, "unet-arch": "ours",
-              "limit-train": 4096,              "limit-eval": 1000, "eval-chunk": 500}
+              "limit-train": 4096, "limit-eval": 1000, "eval-chunk": 500}
 ATTACK = dict(epochs=2, batch_size=64, unet_base=8, unet_arch="ours", limit_train=2048, limit_eval=1000)
 
 
