@@ -67,7 +67,8 @@ def train_classifier_cmd(
     label_smoothing: float = typer.Option(0.0, "--label-smoothing", min=0.0, max=0.99,
                                           help="Cross-entropy label smoothing (the paper: 0)."),
     fast: bool = typer.Option(False, "--fast", help="Channels-last + bfloat16 autocast in the training step "
-                                                    "(evaluation stays fp32); ~1.8× on a CPU with AVX512-BF16."),
+                                                    "(evaluation stays fp32); ~1.8× on a CPU with AVX512-BF16. "
+                                                    "Without native bf16 it keeps fp32 (emulated bf16 is ~12× slower)."),
     baseline: str = typer.Option("", "--baseline", help="Train ψ on protected images: tanaka, pixel, pixel-per-image, "
                                                         "or gan (with --transform from `ppflower train-gan`)."),
     key: int = typer.Option(0, "--key", help="The baseline's key (stored in the checkpoint and metrics)."),
