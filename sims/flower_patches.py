@@ -2,15 +2,17 @@
 
 pp-flower pins flwr 1.42.x (pyproject). The patches below reach into modules that are not Flower's public
 API, so each calls :func:`check_flower_version` first: with another flwr they refuse loudly instead of
-silently changing nothing (or the wrong thing). tests/test_flower_patches.py fails with the same message when
+silently changing nothing (or the wrong thing). tests/test_robustness.py fails with the same message when
 the installed flwr is not the pinned one.
 
 | patch (flwr 1.42) | internals it touches | what it changes |
 |---|---|---|
 | install_event_driven_dispatch | vce_api.add_messages_to_queue, InMemoryGrid.push_messages | simulation dispatch wakes on push instead of polling every 100 ms |
 | run_simulation_engine | flwr.simulation.run_simulation._run_simulation | runs a ServerApp + ClientApp pair with our Context and backend config |
-| install_fast_polling | start_client_internal.time, HEARTBEAT_DEFAULT_INTERVAL | SuperNode idle poll 3 s → 0.05 s, reply poll 0.5 s → 0.01 s, heartbeat 30 s → 10 s |
-| use_warm_superexec | start_client_internal.subprocess | the SuperNode starts sims.superexec instead of flower-superexec |
+| install_fast_polling | start_client_internal.time, _pull_and_store_message, _push_messages, HEARTBEAT_DEFAULT_INTERVAL | SuperNode idle poll 3 s → learned gap then 20 ms ×1.3 ≤ 0.5 s, reply poll 0.5 s → 0.01 s, heartbeat 30 s → 10 s; wakes the SuperExec per message |
+| install_woken_superexec | run_superexec.time | SuperExec task poll 1 s → on wake-up from the SuperNode, else 0.5 s |
+| install_fast_object_pulls | inflatable_utils.pull_objects defaults | first retry of a not-yet-uploaded object after 5 ms instead of 1 s |
+| use_superexec | start_client_internal.subprocess | the SuperNode starts sims.superexec instead of flower-superexec |
 | install_warm_clientapp | subprocess_executor.subprocess | the SuperExec forks ClientApp processes from a warm template |
 | profile_clientapp_phases | flwr.supernode.runtime.run_clientapp functions | logs each phase's duration (benchmarks only) |
 | plain_logs_when_piped | flwr.supercore.logger.update_console_handler | no ANSI colour codes in Flower's log lines when stderr is not a terminal |
@@ -100,41 +102,162 @@ def run_simulation_engine(server_app, client_app, num_supernodes: int, backend_c
 # ------------------------------------------------------------------------------------- SuperNode, SuperExec
 
 
-class _FastTime:
-    """The ``time`` module as seen by flwr's SuperNode loop, with its fixed sleeps shortened."""
+class _NodeTime:
+    """The ``time`` module as seen by flwr's SuperNode loop: its fixed sleeps replaced by learned, short ones.
 
-    def __init__(self, idle: float, reply: float):
-        self._idle, self._reply = idle, reply
+    Every pull of the SuperLink is a TLS request that costs the SuperLink ≈ 10 ms of CPU; at a fixed 50 ms two
+    idle nodes kept 0.4 of a core busy (BENCHMARKS.md), taken from the provider's ψ pass that runs meanwhile.
+    In split learning the next message comes a fairly constant time after our reply (the provider's ψ pass plus
+    the slowest other user), so the node learns that gap and sleeps through most of it, then polls at 20 ms
+    growing ×1.3 up to ``cap``. The reply poll (an in-memory lookup, cheap) stays at ``reply`` seconds.
+    """
+
+    def __init__(self, cap: float, reply: float, first: float = 0.02, growth: float = 1.3, lead: float = 0.7):
+        self.cap, self.reply, self.first, self.growth, self.lead = cap, reply, first, growth, lead
+        self.replied_at: float | None = None  # when our last reply went to the SuperLink
+        self.gap: float | None = None  # smoothed time from our reply to the next message
+        self.polls = 0
+
+    def replied(self) -> None:
+        self.replied_at, self.polls = _time.monotonic(), 0
+
+    def received(self) -> None:
+        if self.replied_at is not None:
+            gap = _time.monotonic() - self.replied_at
+            self.gap = gap if self.gap is None else 0.7 * self.gap + 0.3 * gap
+        self.replied_at, self.polls = None, 0
+
+    def idle_wait(self) -> float:
+        """Seconds to sleep after a pull that found nothing."""
+        self.polls += 1
+        if self.replied_at is not None and self.gap is not None and self.polls == 1:
+            ahead = self.lead * self.gap - (_time.monotonic() - self.replied_at)
+            if ahead > self.first:
+                return min(ahead, self.cap)
+        return min(self.cap, self.first * self.growth ** (self.polls - 1))
 
     def sleep(self, seconds: float) -> None:
         if seconds >= 3:
-            seconds = self._idle
+            seconds = self.idle_wait()
         elif seconds >= 0.5:
-            seconds = self._reply
+            seconds = self.reply
         _time.sleep(seconds)
 
     def __getattr__(self, name):
         return getattr(_time, name)
 
 
-def install_fast_polling(idle: float | None = None, reply: float = 0.01, heartbeat: float | None = None) -> None:
-    """Shorten the SuperNode's fixed waits (sims/supernode.py says why)."""
+def install_fast_polling(cap: float | None = None, reply: float = 0.01, heartbeat: float | None = None,
+                         wake=None) -> _NodeTime:
+    """Replace the SuperNode's fixed waits (sims/supernode.py says why); ``wake()`` runs after each stored message.
+
+    ``wake`` tells this node's SuperExec that a task is ready, so it need not poll for one every few ms.
+    """
     check_flower_version()
     from flwr.supercore import heartbeat as heartbeat_module
     from flwr.supernode import fleet_http_connection, start_client_internal
 
-    idle = float(os.environ.get("PPFLOWER_SUPERNODE_POLL", "0.05")) if idle is None else idle
-    start_client_internal.time = _FastTime(idle, reply)
-    os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.02")
+    cap = float(os.environ.get("PPFLOWER_SUPERNODE_POLL", "0.5")) if cap is None else cap
+    clock = _NodeTime(cap, reply)
+    start_client_internal.time = clock
+    pull, push = start_client_internal._pull_and_store_message, start_client_internal._push_messages
+
+    def pull_and_store(*args, **kwargs):
+        run_id = pull(*args, **kwargs)
+        if run_id is not None:
+            clock.received()
+            if wake is not None:
+                wake()
+        return run_id
+
+    def push_messages(*args, **kwargs):
+        try:
+            return push(*args, **kwargs)
+        finally:
+            clock.replied()
+
+    start_client_internal._pull_and_store_message = pull_and_store
+    start_client_internal._push_messages = push_messages
     # Heartbeat every 10 s (Flower's minimum; default 30 s): a dead node is marked offline after 20 s instead of
     # 60 s, and only then may a restarted node with the same key activate again.
     heartbeat = float(os.environ.get("PPFLOWER_SUPERNODE_HEARTBEAT", "10")) if heartbeat is None else heartbeat
     fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL = heartbeat
     heartbeat_module.HEARTBEAT_DEFAULT_INTERVAL = heartbeat
+    return clock
 
 
-def use_warm_superexec() -> None:
-    """Start ``sims.superexec`` (ClientApp processes forked from a pre-imported template) as the SuperExec."""
+class _WakeTime:
+    """The ``time`` module as seen by flwr's SuperExec loop: its task-poll sleep ends early when woken.
+
+    The SuperNode writes a byte to a FIFO (in its private 0700 directory) whenever a message is ready, so a
+    task is launched at once while idle polling stays slow (``cap``). Polling the SuperNode every 20 ms had
+    cost 0.45 of a core on an idle node.
+    """
+
+    def __init__(self, fifo: str, cap: float):
+        self.fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)  # RDWR: never sees EOF when the writer goes
+        self.cap = cap
+
+    def sleep(self, seconds: float) -> None:
+        import select
+
+        if select.select([self.fd], [], [], self.cap)[0]:
+            try:
+                os.read(self.fd, 4096)
+            except BlockingIOError:
+                pass
+
+    def __getattr__(self, name):
+        return getattr(_time, name)
+
+
+def install_woken_superexec(fifo: str, cap: float = 0.5) -> None:
+    """In the SuperExec: poll for tasks when the SuperNode says one is ready, else every ``cap`` s."""
+    check_flower_version()
+    from flwr.supercore.superexec import run_superexec
+
+    run_superexec.time = _WakeTime(fifo, cap)
+
+
+def make_superexec_waker(directory: str):
+    """In the SuperNode: a FIFO for its SuperExec (path) and the function that wakes it."""
+    fifo = os.path.join(directory, "superexec.wake")
+    os.mkfifo(fifo, 0o600)
+    fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
+
+    def wake() -> None:
+        try:
+            os.write(fd, b"\0")
+        except BlockingIOError:  # the pipe is full of unread wake-ups: the SuperExec is awake anyway
+            pass
+
+    return fifo, wake
+
+
+def install_fast_object_pulls(initial_backoff: float = 0.005, backoff_cap: float = 0.5) -> None:
+    """Retry an object that is not uploaded yet after milliseconds, not after a second.
+
+    In flwr 1.42 a message and its objects (its arrays) travel separately: the receiver gets the message, then
+    pulls each object, and an object the sender has not finished pushing raises ``ObjectUnavailableError``,
+    retried after ``PULL_INITIAL_BACKOFF`` = 1 s (doubling up to 10 s). Split learning's messages are pulled
+    the moment they exist, so each of the three pulling legs of a round (SuperNode ← SuperLink, ClientApp ←
+    SuperNode, ServerApp ← SuperLink) often found its object a few ms early and slept a whole second
+    (BENCHMARKS.md). Here the waits start at 5 ms and stay ≤ 0.5 s; the tries per object grow so that giving
+    up on a sender that died mid-upload takes as long as before (500 tries × 10 s). Called in every process
+    that pulls: ppflower-supernode, its ClientApp processes, the provider's ServerApp.
+    """
+    check_flower_version()
+    from flwr.supercore import constant
+    from flwr.supercore.inflatable import inflatable_utils
+
+    tries = int(constant.PULL_MAX_TRIES_PER_OBJECT * constant.PULL_BACKOFF_CAP / backoff_cap)
+    for fn in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
+        fn.__kwdefaults__.update(initial_backoff=initial_backoff, backoff_cap=backoff_cap,
+                                 max_tries_per_object=tries)
+
+
+def use_superexec() -> None:
+    """Start ``sims.superexec`` (woken per task; ClientApp processes forked from a warm template) as the SuperExec."""
     check_flower_version()
     from flwr.supernode import start_client_internal
 

@@ -34,8 +34,10 @@ def make_server_app(message_log=None) -> ServerApp:
     def main(grid: Grid, context: Context) -> None:
         route_logs_to_flower()
         from pp_flower.config import AppConfig
+        from sims.flower_patches import install_fast_object_pulls
         from strategies.provider import ProviderStrategy  # the provider's torch stack: never in a user's process
 
+        install_fast_object_pulls()  # deployment: users' replies are pulled from the SuperLink without 1 s waits
         cfg = AppConfig.from_run_config(context.run_config)
         ProviderStrategy.from_config(cfg, message_log=message_log).start(grid)
 

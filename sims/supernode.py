@@ -3,12 +3,15 @@
 Flower 1.42's SuperNode sleeps 3 s whenever its pull finds no message and polls for the ClientApp's reply
 every 0.5 s; its SuperExec looks for new ClientApp tasks every second. In split learning the provider sends
 the next step's message a few milliseconds after the user's reply arrives, so nearly every step pays the
-3 s sleep. This wrapper keeps every argument and behaviour of ``flower-supernode`` and only shortens those
-waits (idle pull 3 s → ``PPFLOWER_SUPERNODE_POLL`` = 0.05 s, reply poll 0.5 s → 0.01 s, SuperExec task poll
-1 s → 0.02 s via Flower's own ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``) and sends its heartbeat every 10 s
-instead of 30 s (a killed node is seen offline, and may come back, after 20 s instead of 60 s). Its SuperExec
-is ``sims.superexec``, which forks each message's ClientApp process from a template that imported torch and
-flwr once, instead of starting a fresh interpreter per message (``PPFLOWER_WARM_CLIENTAPP=0`` turns that off).
+3 s sleep. Polling faster is no answer on a small machine: each pull is a TLS request that costs the SuperLink
+CPU. This wrapper keeps every argument and behaviour of ``flower-supernode`` and replaces those waits: the
+idle pull learns the usual gap between our reply and the provider's next message, sleeps through most of it,
+then polls at 20 ms growing to ``PPFLOWER_SUPERNODE_POLL`` = 0.5 s; the reply poll is 0.01 s; the SuperExec
+is woken through a private FIFO when a message is stored, instead of polling every second. It sends its
+heartbeat every 10 s instead of 30 s (a killed node is seen offline, and may come back, after 20 s instead of
+60 s). Its SuperExec is ``sims.superexec``, which forks each message's ClientApp process from a template that
+imported torch and flwr once, instead of starting a fresh interpreter per message (``PPFLOWER_WARM_CLIENTAPP=0``
+turns that off).
 
 It also starts the user's long-lived trainer (``sims.trainer``) beside the SuperNode: one process holding h_θ, its
 optimizer, φ and the images, which each message's ClientApp process only relays to, over an owner-only Unix socket
@@ -109,14 +112,19 @@ def start_user_trainer() -> TrainerSupervisor:
 def main() -> None:
     from flwr.supernode.cli import flower_supernode
 
-    from sims.flower_patches import install_fast_polling, plain_logs_when_piped, use_warm_superexec
+    from sims.flower_patches import (install_fast_object_pulls, install_fast_polling, make_superexec_waker,
+                                     plain_logs_when_piped, use_superexec)
 
     plain_logs_when_piped()
-    install_fast_polling()
+    private = tempfile.mkdtemp(prefix="ppf-node-")  # 0700: the SuperExec's wake-up FIFO
+    atexit.register(shutil.rmtree, private, True)
+    fifo, wake = make_superexec_waker(private)
+    os.environ["PPFLOWER_SUPEREXEC_WAKE"] = fifo  # read by sims.superexec, which the SuperNode starts
+    install_fast_polling(wake=wake)
+    install_fast_object_pulls()
     if os.environ.get("PPFLOWER_USER_TRAINER", "1") != "0":
         start_user_trainer()
-    if os.environ.get("PPFLOWER_WARM_CLIENTAPP", "1") != "0":
-        use_warm_superexec()
+    use_superexec()
     sys.argv[0] = "flower-supernode"
     sys.exit(flower_supernode())
 

@@ -104,6 +104,7 @@ class ProviderStrategy(Strategy):
             on_gpu = next(classifier.parameters()).device.type == "cuda"
             self.microbatch = 0 if on_gpu else 128  # per training round: wall seconds and images trained
         self.result = Result()
+        self._usual_wait: float | None = None  # smoothed seconds until every user has replied (deployment polling)
         self.timing = {"train-seconds": 0.0, "wait": 0.0, "user-compute-critical": 0.0, "user-compute-total": 0.0,
                        "provider-compute": 0.0, "steps": 0, "train-images": 0, "bytes-to-provider": 0,
                        "bytes-to-users": 0}
@@ -141,6 +142,14 @@ class ProviderStrategy(Strategy):
         outstanding = set(ids)
         start = time.perf_counter()
         delay = 0.0005
+        cap = 0.005
+        if type(grid).__name__ != "InMemoryGrid":
+            # In deployment a pull is a TLS request the SuperLink must serve (≈ 10 ms of its CPU): polling every
+            # 5 ms through a user's step took the 2-core box's CPU from that step (BENCHMARKS.md). Sleep through
+            # most of the usual wait for replies, then poll at 5 ms growing to 50 ms.
+            cap = 0.05
+            if phase == "train" and self._usual_wait is not None:
+                time.sleep(min(0.7 * self._usual_wait, timeout))
         while outstanding:
             # one last pull after the deadline: a pull can itself block for long (Flower retries the objects of a
             # reply whose sender died mid-upload), and replies that arrived meanwhile must not be declared lost
@@ -154,9 +163,12 @@ class ProviderStrategy(Strategy):
             if not outstanding or timed_out:
                 break
             time.sleep(delay)
-            delay = min(delay * 1.5, 0.005)
+            delay = min(delay * 1.5, cap)
         if phase == "train":
-            self.timing["wait"] += time.perf_counter() - start
+            waited = time.perf_counter() - start
+            self.timing["wait"] += waited
+            if not outstanding:
+                self._usual_wait = waited if self._usual_wait is None else 0.7 * self._usual_wait + 0.3 * waited
         for mid in outstanding:
             user = self.users.get(sent_to[mid])
             if user is not None:

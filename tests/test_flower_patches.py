@@ -1,0 +1,76 @@
+"""The deployment patches of flwr 1.42 internals (sims/flower_patches.py): they change what they say, and only that."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from sims import flower_patches as fp
+
+
+def test_object_pulls_retry_after_milliseconds_with_the_same_deadline():
+    from flwr.supercore import constant
+    from flwr.supercore.inflatable import inflatable_utils as iu
+
+    saved = {fn: dict(fn.__kwdefaults__) for fn in (iu.pull_objects, iu.pull_and_inflate_object_from_tree)}
+    try:
+        fp.install_fast_object_pulls()
+        for fn in saved:
+            d = fn.__kwdefaults__
+            assert d["initial_backoff"] == 0.005 and d["backoff_cap"] == 0.5
+            # giving up on a sender that died mid-upload takes as long as with Flower's own 1 s … 10 s waits
+            assert d["max_tries_per_object"] * d["backoff_cap"] == pytest.approx(
+                constant.PULL_MAX_TRIES_PER_OBJECT * constant.PULL_BACKOFF_CAP)
+        calls = []
+
+        def pull(object_id: str) -> bytes:  # not uploaded yet for the first three tries
+            calls.append(object_id)
+            if len(calls) <= 3:
+                raise iu.ObjectUnavailableError(object_id)
+            return b"content"
+
+        assert iu.pull_objects(["a"], pull) == {"a": b"content"}
+        assert calls == ["a"] * 4
+    finally:
+        for fn, d in saved.items():
+            fn.__kwdefaults__.update(d)
+
+
+def test_supernode_learns_the_gap_to_the_next_message_and_polls_within_its_cap(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(fp._time, "monotonic", lambda: now[0])
+    clock = fp._NodeTime(cap=0.5, reply=0.01)
+    # nothing learned yet: 20 ms growing ×1.3, never above the cap
+    waits = [clock.idle_wait() for _ in range(20)]
+    assert waits[0] == pytest.approx(0.02) and waits[1] == pytest.approx(0.026)
+    assert max(waits) == 0.5 and waits == sorted(waits)
+    # the provider's next message came 0.8 s after our reply
+    clock.replied()
+    now[0] += 0.8
+    clock.received()
+    assert clock.gap == pytest.approx(0.8)
+    # next time: sleep through most of that gap in one go, then poll finely again
+    clock.replied()
+    now[0] += 0.01
+    assert clock.idle_wait() == pytest.approx(0.7 * 0.8 - 0.01)
+    assert clock.idle_wait() == pytest.approx(0.026)
+    # Flower's reply poll (0.5 s) becomes 10 ms; its idle sleep (3 s) becomes ours
+    slept = []
+    monkeypatch.setattr(fp._time, "sleep", slept.append)
+    clock.sleep(0.5)
+    clock.sleep(3)
+    assert slept[0] == 0.01 and 0 < slept[1] <= 0.5
+
+
+def test_the_superexec_wakes_when_the_supernode_stores_a_message(tmp_path):
+    fifo, wake = fp.make_superexec_waker(str(tmp_path))
+    assert (tmp_path / "superexec.wake").stat().st_mode & 0o777 == 0o600
+    clock = fp._WakeTime(fifo, cap=120)  # idle polling so slow that only a wake-up can end the sleep in time
+    wake()
+    sleeper = threading.Thread(target=clock.sleep, args=(0.02,), daemon=True)
+    sleeper.start()
+    sleeper.join(timeout=60)
+    assert not sleeper.is_alive(), "the SuperExec slept through the SuperNode's wake-up"
+    for _ in range(70_000):  # more wake-ups than the pipe holds (64 KiB): the SuperNode never blocks on a busy SuperExec
+        wake()
