@@ -202,7 +202,7 @@ class LocalDeployment:
 
     def start_superlink(self) -> None:
         argv = [_bin("flower-superlink"), "--port", str(self.port), "--disable-runtime-dependency-installation",
-                "--database", str(self.workdir / "superlink.db")]
+                "--database", ":flwr-in-memory:"]  # on disk, every message's arrays went through SQLite: 0.6 s a round
         if self.secure:
             argv += ["--ssl-ca-certfile", str(self.creds.ca_cert), "--ssl-certfile", str(self.creds.server_cert),
                      "--ssl-keyfile", str(self.creds.server_key), "--enable-supernode-auth"]
