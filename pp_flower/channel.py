@@ -15,7 +15,7 @@ import secrets
 import stat
 import threading
 from multiprocessing import AuthenticationError
-from multiprocessing.connection import Client, Connection, Listener
+from multiprocessing.connection import Connection, Listener, answer_challenge, deliver_challenge
 from pathlib import Path
 from typing import Any
 
@@ -106,21 +106,39 @@ class TrainerClient:
         self.path, self.secret, self.timeout = str(socket_path), secret, timeout
 
     def request(self, method: str, *args: Any) -> Any:
-        try:
-            conn = Client(self.path, family="AF_UNIX", authkey=self.secret)
-        except (FileNotFoundError, ConnectionRefusedError) as exc:
-            raise RuntimeError(f"the user's trainer is not running ({self.path}: {exc.__class__.__name__})") from None
+        conn = self._connect()
         with conn:
-            conn.send((method, args))
-            if not conn.poll(self.timeout):
-                raise TimeoutError(f"the user's trainer did not answer '{method}' within {self.timeout:g} s")
             try:
+                answer_challenge(conn, self.secret)  # what multiprocessing's Client does, but bounded in time:
+                deliver_challenge(conn, self.secret)  # a hung (stopped) trainer must not hang its caller
+                conn.send((method, args))
+                if not conn.poll(self.timeout):
+                    raise TimeoutError
                 status, value = conn.recv()
+            except (TimeoutError, BlockingIOError):
+                raise TimeoutError(f"the user's trainer did not answer '{method}' within {self.timeout:g} s") from None
             except EOFError:
                 raise RuntimeError("the user's trainer closed the channel (it died mid-call)") from None
         if status != "ok":
             raise RuntimeError(value)
         return value
+
+    def _connect(self) -> Connection:
+        """A blocking Unix-socket connection whose every read and write gives up after ``timeout`` seconds."""
+        import socket
+        import struct
+
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        whole = int(self.timeout)
+        timeval = struct.pack("ll", whole, int((self.timeout - whole) * 1e6))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+        try:
+            sock.connect(self.path)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            sock.close()
+            raise RuntimeError(f"the user's trainer is not running ({self.path}: {exc.__class__.__name__})") from None
+        return Connection(sock.detach())
 
     def setup(self, *args):
         return self.request("setup", *args)

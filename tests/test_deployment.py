@@ -215,3 +215,33 @@ def test_warm_template_forks_flowers_clientapp_entry_point_with_the_given_argume
     err = proc.stderr.read()  # until the forked child, which shares the pipe, has exited too
     assert err.count("started warm") == 1
     assert "usage: flwr-clientapp" in err and "--runtime-api-address" in err  # the child ran flwr-clientapp --help
+
+
+def test_hung_trainer_is_killed_and_restarted_by_its_supernode():
+    """A trainer that stops answering (SIGSTOP: alive, but silent) is replaced; its successor answers pings."""
+    import os
+
+    from pp_flower.channel import TrainerClient
+    from sims.supernode import TrainerSupervisor
+
+    sup = TrainerSupervisor(hang_timeout=1.0, check_every=0.2)
+    sup.start()
+    try:
+        TrainerClient(sup.socket, sup.secret, 60).request("ping")
+        hung = sup.proc
+        threading.Thread(target=sup.watch, daemon=True).start()
+        os.kill(hung.pid, signal.SIGSTOP)
+        deadline = time.time() + 120
+        while (sup.restarts == 0 or sup.proc is hung) and time.time() < deadline:
+            time.sleep(0.1)
+        assert sup.restarts >= 1 and sup.proc is not hung, "the hung trainer was never replaced"
+        assert hung.poll() is not None  # the hung one was killed, not left behind
+        while True:  # the successor answers once it listens
+            try:
+                TrainerClient(sup.socket, sup.secret, 60).request("ping")
+                break
+            except (OSError, RuntimeError):  # not listening yet
+                assert time.time() < deadline, "the restarted trainer never answered"
+                time.sleep(0.1)
+    finally:
+        sup.stop()
