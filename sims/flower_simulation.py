@@ -35,7 +35,11 @@ def start_ray(ray_address: str | None = None) -> None:
     if os.environ.get("PYTHONPATH"):
         pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
     os.environ["PYTHONPATH"] = pythonpath
-    ray.init(address=ray_address, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    runtime_env = {"env_vars": {"PYTHONPATH": pythonpath}}
+    if not sys.stderr.isatty():  # piped or logged: no ANSI colour codes, neither Ray's prefixes nor the workers' lines
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+        runtime_env["worker_process_setup_hook"] = "sims.flower_patches.plain_logs_when_piped"
+    ray.init(address=ray_address, include_dashboard=False, runtime_env=runtime_env)
 
 
 def simulate(server_app, client_app, num_supernodes: int, run_config: dict, num_cpus: float = 1.0,
