@@ -139,3 +139,44 @@ def save_frontier(rows: list[dict], arch: str, observer_accuracy: float, path: s
     fig.savefig(path, dpi=150)
     plt.close(fig)
     return path
+
+
+def save_learning_curve(curves: dict[str, dict], path: str | Path, paper_accuracy: float | None = None,
+                        paper_psnr: tuple[float, float] | None = None) -> Path:
+    """h_θ's learning curve (``pp_flower.curve``): one line per run (``curves``: label → curve.json) against steps.
+
+    Panels: ψ's accuracy on x̂ (ψ on plain images dashed, the paper's Table I value dotted), the median protected
+    PSNR (the paper's range shaded), the observer's accuracy on x̂ (its plain-image ceiling dashed, chance dotted),
+    the fraction of saturated pixels and the mean pairwise distance of different images' x̂ (collapse → 0).
+    """
+    path = Path(path)
+    fig, axes = plt.subplots(1, 5, figsize=(22, 4))
+    for i, (label, curve) in enumerate(curves.items()):
+        colour, points, ref = f"C{i}", curve["points"], curve["reference"]
+        steps = [p["step"] for p in points]
+        axes[0].plot(steps, [100 * p["psi-accuracy"] for p in points], "-", color=colour, label=label)
+        axes[0].axhline(100 * ref["psi-accuracy-plain"], color=colour, ls="--", lw=1)
+        axes[1].plot(steps, [p["psnr-protected-median"] for p in points], "-", color=colour, label=label)
+        if all("observer-accuracy" in p for p in points):
+            axes[2].plot(steps, [100 * p["observer-accuracy"] for p in points], "-", color=colour, label=label)
+            axes[2].axhline(100 * ref["observer-accuracy-plain"], color=colour, ls="--", lw=1)
+        axes[3].plot(steps, [100 * p["saturated-fraction"] for p in points], "-", color=colour, label=label)
+        axes[4].plot(steps, [p["pairwise-rms"] for p in points], "-", color=colour, label=label)
+        axes[4].axhline(ref["pairwise-rms-plain"], color=colour, ls="--", lw=1)
+    if paper_accuracy is not None:
+        axes[0].axhline(paper_accuracy, color="k", ls=":", lw=1, label=f"the paper (Table I): {paper_accuracy:g} %")
+    if paper_psnr is not None:
+        axes[1].axhspan(*paper_psnr, color="k", alpha=0.12, label=f"the paper: {paper_psnr[0]:g}–{paper_psnr[1]:g} dB")
+    axes[2].axhline(10, color="grey", ls=":", lw=1, label="chance")
+    titles = ("ψ's accuracy on x̂ (%; dashed: plain)", "median protected PSNR (dB)",
+              "observer's accuracy on x̂ (%; dashed: plain)", "saturated pixels (%)",
+              "mean pairwise RMS of x̂ (dashed: plain)")
+    for ax, title in zip(axes, titles):
+        ax.set_xlabel("steps of h_θ")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return path
