@@ -173,15 +173,80 @@ def protect(
 
 @app.command()
 def classify(
-    classifier: Path = typer.Option(..., "--classifier", help="The provider's ψ checkpoint."),
-    input_dir: Path = typer.Argument(..., help="Folder of protected PNG images (from `ppflower protect`)."),
+    input_dir: Path = typer.Argument(..., help="--classifier: protected PNGs (from `ppflower protect`); --server: "
+                                               "plain images, protected here with --transform before sending."),
+    classifier: Optional[Path] = typer.Option(None, "--classifier", help="Local: the provider's ψ checkpoint."),
+    server: Optional[str] = typer.Option(None, "--server", help="Remote: the URL of `ppflower serve` "
+                                                                "(https://host:port)."),
+    transform: Optional[Path] = typer.Option(None, "--transform", help="With --server: your h_θ checkpoint; only "
+                                                                       "the 8-bit x̂ = h_θ(x) is sent."),
+    token_file: Optional[Path] = typer.Option(None, "--token-file", envvar="PPFLOWER_TOKEN_FILE",
+                                              help="With --server: a file holding your bearer token."),
+    ca_cert: Optional[Path] = typer.Option(None, "--ca-cert", help="With --server: the CA certificate that signed "
+                                                                   "the server's (e.g. a self-signed ca.crt)."),
     device: str = Device,
 ):
-    """Step (5): the provider's ψ labels protected images; prints one line per image."""
-    from pp_flower.evaluation import classify_folder
+    """Step (5): ψ labels protected images; prints one line per image (name, label, and with --server ψ's
+    probability). Locally with --classifier, or through the provider's service with --server and --transform."""
+    if (classifier is None) == (server is None):
+        raise PPFlowerError("Give either --classifier PSI.pt (local ψ) or --server URL --transform H.pt (the "
+                            "provider's service).")
+    if classifier is not None:
+        from pp_flower.evaluation import classify_folder
 
-    for name, label in classify_folder(classifier, input_dir, resolve_device(device)):
-        typer.echo(f"{name}\t{label}")
+        for name, label in classify_folder(classifier, input_dir, resolve_device(device)):
+            typer.echo(f"{name}\t{label}")
+        return
+    from pp_flower.serving import classify_remote, read_tokens
+
+    if transform is None:
+        raise PPFlowerError("--server needs --transform H.pt: images are protected here before they are sent.")
+    token = read_tokens(token_file)[0] if token_file else None
+    for name, pred in classify_remote(server, transform, input_dir, token, ca_cert, resolve_device(device)):
+        typer.echo(f"{name}\t{pred['name']}\t{pred['probability']:.4f}")
+
+
+@app.command()
+def serve(
+    classifier: Path = typer.Option(..., "--classifier", help="ψ's checkpoint (on every node of the cluster)."),
+    tokens: Path = typer.Option(..., "--tokens", help="File of bearer tokens, one per line (e.g. "
+                                                      "`openssl rand -hex 32 > tokens.txt`)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, "--port", min=1, max=65535),
+    ssl_certfile: Optional[Path] = typer.Option(None, "--ssl-certfile", help="TLS certificate (PEM); with "
+                                                                             "--ssl-keyfile turns HTTPS on."),
+    ssl_keyfile: Optional[Path] = typer.Option(None, "--ssl-keyfile", help="TLS private key (PEM)."),
+    replicas: int = typer.Option(1, "--replicas", help="Copies of ψ serving in parallel."),
+    num_gpus: float = typer.Option(0.0, "--num-gpus", help="GPUs per replica (e.g. 0.5: two replicas a GPU)."),
+    cpus_per_replica: float = typer.Option(1.0, "--cpus-per-replica", help="CPU cores per replica (its torch "
+                                                                           "threads)."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Most images ψ runs at once (dynamic batching)."),
+    batch_wait_ms: float = typer.Option(5.0, "--batch-wait-ms", min=0.0, help="How long a batch waits to fill."),
+    top_k: int = typer.Option(3, "--top-k", min=1, help="Classes with probabilities returned per image."),
+    image_size: int = typer.Option(32, "--image-size", min=1, help="Side of the square images ψ takes."),
+    max_images: int = typer.Option(256, "--max-images", help="Most images per request."),
+    max_request_mb: float = typer.Option(16.0, "--max-request-mb", help="Largest request body (MiB)."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Attach to a running Ray cluster "
+                                                                          "(HOST:PORT or auto) instead of starting one."),
+    num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help="Cores of the Ray instance started here "
+                                                                    "(default: all)."),
+):
+    """Step (5) as a service: ψ on Ray Serve behind a FastAPI ingress (POST /v1/classify, GET /v1/info, GET
+    /v1/health; API docs at /docs). Runs until Ctrl-C or SIGTERM, then stops everything it started."""
+    from pp_flower.serving import read_tokens, token_digest
+    from sims.serve import ServeOptions, serve_classifier
+
+    options = ServeOptions(
+        host=host, port=port, replicas=replicas, num_gpus=num_gpus, cpus_per_replica=cpus_per_replica,
+        batch_size=batch_size, batch_wait_ms=batch_wait_ms, top_k=top_k, image_size=(image_size, image_size),
+        max_images=max_images, max_request_bytes=int(max_request_mb * 2**20),
+        token_digests=[token_digest(t) for t in read_tokens(tokens)],
+        ssl_certfile=str(ssl_certfile) if ssl_certfile else None, ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None,
+        ray_address=ray_address, num_cpus=num_cpus)
+    try:
+        serve_classifier(classifier, options, log=lambda line: console.print(line, highlight=False))
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: serve_classifier has already stopped what it started
+        console.print("service stopped.")
 
 
 @app.command()
