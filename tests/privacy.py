@@ -14,12 +14,17 @@ def arrays(msg: Message):
 
 def plain_image_hits(msg: Message, plain_images: torch.Tensor, tol: float = 2.0 / 255) -> list[str]:
     """Arrays that contain, at any image-aligned position, a plain image (uint8 or [0,1] float, any dtype)."""
+    return plain_image_hits_in(((name, arr.numpy()) for name, arr in arrays(msg)), plain_images, tol)
+
+
+def plain_image_hits_in(named_arrays, plain_images: torch.Tensor, tol: float = 2.0 / 255) -> list[str]:
+    """``plain_image_hits`` for any (name, numpy array) pairs: e.g. the images decoded from HTTP request bodies."""
     hits = []
     flat_plain = plain_images.flatten(1)  # (N, 3072) uint8
     size = flat_plain.shape[1]
     keys = {bytes(row.numpy().tobytes()) for row in flat_plain}
-    for name, arr in arrays(msg):
-        data = torch.from_numpy(arr.numpy().copy()).flatten()
+    for name, arr in named_arrays:
+        data = torch.from_numpy(arr.copy()).flatten()
         if data.numel() < size:
             continue
         chunks = data[: data.numel() // size * size].view(-1, size)
@@ -71,12 +76,17 @@ def label_hits(msg: Message, labels_of: dict[int, int], related_ids=()) -> list[
 
 def parameter_hits(msg: Message, state_dict: dict[str, torch.Tensor], min_numel: int = 16) -> list[str]:
     """ψ tensors whose bytes appear anywhere inside any array of the message."""
-    blobs = [arr.numpy().tobytes() for _, arr in arrays(msg)]
+    return parameter_hits_in([arr.numpy().tobytes() for _, arr in arrays(msg)], state_dict, min_numel)
+
+
+def parameter_hits_in(blobs: list[bytes], state_dict: dict[str, torch.Tensor], min_numel: int = 16,
+                      prefix: int | None = None) -> list[str]:
+    """ψ tensors whose bytes (float32, or only their first ``prefix`` values) appear anywhere inside ``blobs``."""
     hits = []
     for key, tensor in state_dict.items():
         if tensor.numel() < min_numel or not tensor.is_floating_point():
             continue
-        needle = tensor.detach().cpu().contiguous().numpy().tobytes()
+        needle = tensor.detach().cpu().contiguous().flatten()[:prefix].numpy().tobytes()
         if any(needle in blob for blob in blobs):
             hits.append(key)
     return hits
