@@ -1,8 +1,13 @@
 """Images in, uint8 tensors out: CIFAR-10 / ImageFolder loading, the paper's split, user shards, augmentation.
 
 All images are kept as ``uint8`` tensors of shape (N, 3, H, W) and turned into float [0, 1] only per batch.
+Every image file — of a data set, of ``ppflower protect`` and of ``ppflower classify`` — is decoded by
+:func:`read_image`, and every folder of images is listed by :func:`image_files`.
+
 Decoded datasets are cached on disk (``PPFLOWER_CACHE_DIR``, default ``~/.cache/pp_flower``) and in this
-module's memory, so a second load costs well under a second (and Ray workers decode only once).
+module's memory, so a second load costs well under a second (and Ray workers decode only once). The cache key
+covers every image file's path, size, modification and change time, so an image rewritten in place is decoded
+again; deleting the cache folder is always safe.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from pp_flower.errors import PPFlowerError
 from pp_flower.seeds import generator
@@ -20,11 +26,23 @@ from pp_flower.seeds import generator
 CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
 )
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+# torchvision's ImageFolder extensions (.jpg .jpeg .png .ppm .bmp .pgm .tif .tiff .webp), GIF and JPEG's other names;
+# PIL decodes all of them (tests/test_inputs_data.py writes and reads each). Matched case-insensitively.
+IMAGE_EXTENSIONS = tuple(IMG_EXTENSIONS) + (".gif", ".jfif", ".jpe")
+# image formats a user may have that pp-flower does not read (PIL's other formats, and those PIL cannot open): a file
+# of one is refused by name, never skipped, so no image silently drops out of a class or of `ppflower protect`
+_OTHER_IMAGE_FORMATS = (".heic", ".heif", ".jxl", ".svg", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf",
+                        ".rw2", ".exr", ".xcf")
+# folders that operating systems and tools leave in a tree, never classes (besides hidden ones: names starting with .)
+NOT_CLASS_FOLDERS = frozenset({"__MACOSX", "@eaDir", "$RECYCLE.BIN", "System Volume Information", "lost+found"})
+# files that operating systems leave beside images, never worth a mention
+SYSTEM_FILES = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini"})
 DATA_HELP = (
     "Supply an ImageFolder tree with train/<class>/*.jpg and test/<class>/*.jpg via --data-dir or "
     "the PPFLOWER_DATA_DIR environment variable, or leave both unset to download CIFAR-10 with torchvision."
 )
+# part of every data set's cache key: bump it when read_image decodes any file differently
+DECODER_VERSION = 3
 
 _MEMORY_CACHE: dict[str, "ImageSet"] = {}
 
@@ -73,48 +91,184 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
     return Path(data_dir).expanduser() if data_dir else None
 
 
-def _list_image_folder(root: Path) -> tuple[list[Path], list[int], tuple[str, ...]]:
+def accepted_extensions() -> str:
+    return " ".join(IMAGE_EXTENSIONS)
+
+
+def _visible(name: str) -> bool:
+    """Hidden entries (``.ipynb_checkpoints``, ``.DS_Store``, AppleDouble ``._x.jpg``) and system folders are no data."""
+    return not name.startswith(".") and name not in NOT_CLASS_FOLDERS
+
+
+def _unread_image_extensions() -> tuple[str, ...]:
+    from PIL import Image
+
+    Image.init()
+    pil = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+    return tuple(sorted((pil | set(_OTHER_IMAGE_FORMATS)) - set(IMAGE_EXTENSIONS)))
+
+
+def _scan(folder: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """Names of ``folder``'s images (files with an accepted extension, symlinks followed, sorted) and of its other
+    visible entries (files that are not images, subfolders — not searched), for messages. Images of a format not
+    read and broken links named as images are refused. Strings, not Paths: a data set is listed on every load (for
+    its cache key), and 60,000 Paths cost more than the listing."""
+    images, others, unread, broken = [], [], [], []
+    unread_extensions = None
+    with os.scandir(folder) as entries:
+        for entry in sorted(entries, key=lambda e: e.name):
+            name = entry.name
+            if not _visible(name) or name.lower() in SYSTEM_FILES:
+                continue
+            if entry.is_dir():
+                others.append(name + "/")
+            elif has_file_allowed_extension(name, IMAGE_EXTENSIONS):
+                (images if entry.is_file() else broken).append(name)
+            else:
+                unread_extensions = unread_extensions or _unread_image_extensions()
+                (unread if has_file_allowed_extension(name, unread_extensions) else others).append(name)
+    if broken:
+        raise PPFlowerError(f"{Path(folder) / broken[0]}{f' (and {len(broken) - 1} more)' if len(broken) > 1 else ''} "
+                            "is a link to a file that does not exist; restore its target or remove the link.")
+    if unread:
+        raise PPFlowerError(f"{folder} holds images of a format pp-flower does not read: {', '.join(unread[:5])}"
+                            f"{' …' if len(unread) > 5 else ''} (accepted: {accepted_extensions()}); convert them to "
+                            "PNG or JPEG, or move them out.")
+    return images, others
+
+
+def image_files(folder: str | os.PathLike) -> tuple[list[Path], list[str]]:
+    """The images of ``folder`` — as a data set's class folder is read — and the names of its other visible entries."""
+    images, others = _scan(folder)
+    return [Path(folder) / name for name in images], others
+
+
+def describe_others(others: list[str]) -> str:
+    """' (it holds a.heic, notes.txt, …)' for a message about a folder without images; '' when it holds nothing."""
+    if not others:
+        return " (it is empty)"
+    return f" (it holds {', '.join(others[:5])}{', …' if len(others) > 5 else ''})"
+
+
+# an ImageFolder tree as listed: class names, and each class's image file names
+Listing = tuple[tuple[str, ...], list[list[str]]]
+
+
+def _scan_tree(root: Path) -> Listing:
+    """Class names and each class's images: one class per visible folder, each with at least one image."""
     if not root.is_dir():
         raise PPFlowerError(f"Data directory {root} does not exist. {DATA_HELP}")
-    classes = tuple(sorted(p.name for p in root.iterdir() if p.is_dir()))
+    with os.scandir(root) as entries:
+        classes = tuple(sorted(e.name for e in entries if _visible(e.name) and e.is_dir()))
+    if not classes:
+        raise PPFlowerError(f"No images found under {root}: it has no class folders (expected {root}/<class>/*.jpg "
+                            f"or another image file). {DATA_HELP}")
+    per_class = []
+    for name in classes:
+        images, others = _scan(root / name)
+        if not images:
+            raise PPFlowerError(
+                f"No images found in class folder {root / name}{describe_others(others)}; accepted: "
+                f"{accepted_extensions()} (any case; hidden files are ignored, subfolders are not searched). Add "
+                "images to it or remove it: every folder is a class."
+            )
+        per_class.append(images)
+    return classes, per_class
+
+
+def _list_image_folder(root: Path, listing: Listing | None = None) -> tuple[list[Path], list[int], tuple[str, ...]]:
+    """Files, labels and class names of an ImageFolder tree (see :func:`_scan_tree`)."""
+    classes, per_class = listing or _scan_tree(root)
     files: list[Path] = []
     labels: list[int] = []
-    for label, name in enumerate(classes):
-        for f in sorted((root / name).iterdir()):
-            if f.suffix.lower() in IMAGE_SUFFIXES:
-                files.append(f)
-                labels.append(label)
-    if not files:
-        raise PPFlowerError(
-            f"No images found under {root} (expected {root}/<class>/*.jpg or *.png). {DATA_HELP}"
-        )
+    for label, (name, images) in enumerate(zip(classes, per_class)):
+        folder = root / name
+        files += [folder / f for f in images]
+        labels += [label] * len(images)
     return files, labels, classes
 
 
-def read_image(path: str | os.PathLike) -> torch.Tensor:
-    """One image file → uint8 RGB tensor (3, H, W), decoded as torchvision's ImageFolder does (PIL)."""
+def _refuse(path, mode: str, why: str) -> PPFlowerError:
+    return PPFlowerError(f"Cannot use image {path} (mode {mode}): {why}.")
+
+
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+_RGB_CONVERTIBLE = ("1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
+_WITH_ALPHA = ("RGBA", "RGBa", "LA", "PA")
+
+
+def _to_rgb(img, path):
+    """A decoded PIL image of any mode → (H, W, 3) uint8, as an image viewer shows it: 16-bit grey scaled to 8 bits,
+    transparent pixels over white; modes without a defined range (32-bit integer or float) are refused."""
     import numpy as np
-    from torchvision.datasets.folder import pil_loader
+    from PIL import Image
+
+    mode = img.mode
+    # 16-bit grey (PNG, TIFF; PGM with maxval > 255, which PIL scales to 0..65535 as mode I): 0..65535 → 0..255
+    if mode in _SIXTEEN_BIT or (mode == "I" and img.format in ("PNG", "PPM")):
+        a = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
+        grey = ((a * 255 + 32767) // 65535).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    if mode in ("I", "F"):
+        kind = "32-bit integer" if mode == "I" else "32-bit floating-point"
+        raise _refuse(path, mode, f"a {kind} image has no defined black and white to map to 8 bits; save it as an "
+                                  "8- or 16-bit PNG")
+    if mode in _WITH_ALPHA or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.array(Image.alpha_composite(white, rgba).convert("RGB"))
+    if mode in _RGB_CONVERTIBLE:
+        return np.array(img.convert("RGB"))
+    raise _refuse(path, mode, "pp-flower cannot convert this mode to RGB; save the image as an 8-bit RGB PNG or JPEG")
+
+
+def read_image(path: str | os.PathLike) -> torch.Tensor:
+    """One image file → uint8 RGB tensor (3, H, W), as an image viewer shows it (PIL).
+
+    Every mode is converted to 8-bit RGB (16-bit grey scaled, transparency over white, EXIF orientation applied) or
+    refused; a damaged file, an animation or a multi-page file is one :class:`PPFlowerError` naming the file.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        return torch.from_numpy(np.array(pil_loader(str(path)))).permute(2, 0, 1)
+        with Image.open(path) as img:
+            frames = getattr(img, "n_frames", 1)
+            if frames > 1 and img.format != "MPO":  # MPO: a camera JPEG with previews; the first frame is the photo
+                raise PPFlowerError(f"Cannot use image {path}: it holds {frames} frames (an animation or a multi-page "
+                                    "file); save the frame you mean as its own PNG or JPEG.")
+            img.load()
+            ImageOps.exif_transpose(img, in_place=True)
+            rgb = _to_rgb(img, path)
+    except PPFlowerError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any decoder failure is a data problem
-        raise PPFlowerError(f"Cannot decode image {path}: {exc}") from exc
+        if isinstance(exc, Image.DecompressionBombError):
+            raise PPFlowerError(f"Cannot use image {path}: it is too large to decode safely ({exc}); downscale it."
+                                ) from None
+        if isinstance(exc, UnidentifiedImageError):
+            reason = "no image format PIL knows"
+        else:
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise PPFlowerError(f"Cannot decode image {path} ({reason}): the file is damaged or not an image of its "
+                            "kind; re-save it as PNG or JPEG, or remove it.") from None
+    return torch.from_numpy(rgb).permute(2, 0, 1)
+
+
+def _size(shape) -> str:
+    return f"{shape[-1]}×{shape[-2]}"
 
 
 def _decode_files(files: list[Path], desc: str) -> torch.Tensor:
     from pp_flower.progress import track
 
     out = []
-    shape = None
     for f in track(files, desc):
         img = read_image(f)
-        if shape is None:
-            shape = img.shape
-        elif img.shape != shape:
+        if out and img.shape != out[0].shape:
             raise PPFlowerError(
-                f"Image {f} has shape {tuple(img.shape)}, expected {tuple(shape)} like the others; "
-                "all images of a data set must share one size."
+                f"Image {f} is {_size(img.shape)}, but {files[0]} (and the {len(out) - 1} after it) are "
+                f"{_size(out[0].shape)}: all images of a data set must share one size; resize them or move the odd "
+                "ones out."
             )
         out.append(img)
     return torch.stack(out)
@@ -145,30 +299,30 @@ def _load_cached(key: str, build) -> ImageSet:
     return result
 
 
-def _folder_key(root: Path) -> str:
-    """Cheap cache key: the tree's path and each class folder's name, entry count and mtime.
+def _folder_key(root: Path, listing: Listing | None = None) -> str:
+    """Cache key of an ImageFolder tree: its path, the decoder's version and every image's relative path, size,
+    inode and modification and change times (ns) — an image rewritten in place (even with its old mtime restored,
+    as ``cp -p`` and ``rsync -a`` do) changes the key. About 0.2 s for CIFAR-10's 60,000 files."""
+    classes, per_class = listing or _scan_tree(root)
+    h = hashlib.sha256(f"{DECODER_VERSION}\0{root.resolve()}\n".encode())
+    for name, images in zip(classes, per_class):
+        folder = os.path.join(root, name)
+        for f in images:
+            st = os.stat(os.path.join(folder, f))
+            h.update(f"{name}/{f}\0{st.st_size}\0{st.st_ino}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\n".encode())
+    return f"imagefolder-v{DECODER_VERSION}-{h.hexdigest()[:24]}"
 
-    Adding, removing or renaming images changes a folder's mtime; rewriting an image in place does not
-    (delete the cache dir, ``PPFLOWER_CACHE_DIR``, after doing that).
-    """
-    if not root.is_dir():
-        raise PPFlowerError(f"Data directory {root} does not exist. {DATA_HELP}")
-    h = hashlib.sha256(str(root.resolve()).encode())
-    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
-        st = sub.stat()
-        h.update(f"{sub.name}\0{st.st_mtime_ns}\0{sum(1 for _ in os.scandir(sub))}\n".encode())
-    return f"imagefolder-v2-{h.hexdigest()[:20]}"
 
-
-def load_image_folder(root: Path) -> ImageSet:
+def load_image_folder(root: Path, listing: Listing | None = None) -> ImageSet:
     """Decode an ImageFolder tree into an :class:`ImageSet` (cached on disk and in memory)."""
+    listing = listing or _scan_tree(root)
 
     def build() -> ImageSet:
-        files, labels, classes = _list_image_folder(root)
+        files, labels, classes = _list_image_folder(root, listing)
         images = _decode_files(files, f"Decoding {root}")
         return ImageSet(images, torch.tensor(labels, dtype=torch.long), classes)
 
-    return _load_cached(_folder_key(root), build)
+    return _load_cached(_folder_key(root, listing), build)
 
 
 def load_torchvision_cifar10(train: bool) -> ImageSet:
@@ -196,12 +350,20 @@ def load_datasets(data_dir: str | os.PathLike | None = None) -> tuple[ImageSet, 
     for part in ("train", "test"):
         if not (root / part).is_dir():
             raise PPFlowerError(f"Data directory {root} has no '{part}/' folder. {DATA_HELP}")
-    train, test = load_image_folder(root / "train"), load_image_folder(root / "test")
-    if train.classes != test.classes:
-        raise PPFlowerError(f"{root}: train/ and test/ have different class folders. {DATA_HELP}")
-    if len(train.classes) < 2:
-        raise PPFlowerError(f"{root}: {len(train.classes)} class folder(s) ({', '.join(train.classes)}); a classifier "
+    listings = {part: _scan_tree(root / part) for part in ("train", "test")}  # cheap: nothing decoded yet
+    train_classes, test_classes = listings["train"][0], listings["test"][0]
+    if train_classes != test_classes:
+        only_train = sorted(set(train_classes) - set(test_classes))
+        only_test = sorted(set(test_classes) - set(train_classes))
+        raise PPFlowerError(f"{root}: train/ and test/ must have the same class folders; only in train/: "
+                            f"{', '.join(only_train) or '—'}; only in test/: {', '.join(only_test) or '—'}. {DATA_HELP}")
+    if len(train_classes) < 2:
+        raise PPFlowerError(f"{root}: {len(train_classes)} class folder(s) ({', '.join(train_classes)}); a classifier "
                             f"needs at least 2 classes. {DATA_HELP}")
+    train, test = (load_image_folder(root / part, listings[part]) for part in ("train", "test"))
+    if train.images.shape[-2:] != test.images.shape[-2:]:
+        raise PPFlowerError(f"{root}: the train/ images are {_size(train.images.shape)} but the test/ images are "
+                            f"{_size(test.images.shape)}; both splits must share one size (resize one of them).")
     return train, test
 
 
@@ -273,3 +435,4 @@ def augment(images: torch.Tensor, generator: torch.Generator, pad: int = 4, flip
         mask = torch.rand(n, generator=generator) < 0.5
         out = torch.where(mask[:, None, None, None], out.flip(-1), out)
     return out
+

@@ -4,48 +4,115 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
 from pp_flower.checkpoints import ensure_writable_dir, load_classifier, load_transform_net
-from pp_flower.data import IMAGE_SUFFIXES, read_image
+from pp_flower.data import accepted_extensions, describe_others, image_files, read_image
 from pp_flower.errors import PPFlowerError
 from pp_flower.models import check_image_size
 from pp_flower.progress import track
 
 
-def _images_in(folder: Path) -> list[Path]:
-    if not folder.is_dir():
+def _images_and_others(folder: Path) -> tuple[list[Path], list[str]]:
+    """The images of ``folder`` (listed as a data set's class folder is) and the other visible entries' names."""
+    folder = Path(folder)
+    if not folder.exists():
         raise PPFlowerError(f"Image folder {folder} does not exist.")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not folder.is_dir():
+        raise PPFlowerError(f"{folder} is a file, not a folder: put the images in a folder and give that.")
+    files, others = image_files(folder)
     if not files:
-        raise PPFlowerError(f"{folder} holds no PNG or JPEG images.")
-    return files
+        raise PPFlowerError(f"{folder} holds no PNG or JPEG images, nor any other accepted kind{describe_others(others)}; "
+                            f"accepted: {accepted_extensions()} (any case; hidden files are ignored, subfolders are not "
+                            "searched).")
+    return files, others
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return _images_and_others(folder)[0]
 
 
 def _read(path: Path) -> torch.Tensor:
     return read_image(path).float().div(255)
 
 
-def protect_folder(transform: Path, input_dir: Path, output_dir: Path, device: str = "cpu") -> int:
-    """Write h_θ(x) as PNG for every image in ``input_dir``; images h_θ cannot take are refused up front."""
+def refuse_overwriting_inputs(outputs: Iterable[Path], inputs: dict[str, Path], what_out: str) -> None:
+    """An output never replaces an input: refuse, before anything is written, an output path that is an input file
+    (however it is spelled: relative, through a symlink, a hard link). ``inputs``: the option naming it → path;
+    ``what_out``: the option naming the outputs' place."""
+    existing = {}
+    for what, path in inputs.items():
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        existing[(st.st_dev, st.st_ino)] = (what, path)
+    for out in outputs:
+        try:
+            st = os.stat(out)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in existing:
+            what, path = existing[(st.st_dev, st.st_ino)]
+            raise PPFlowerError(f"{what_out}: writing {out} would overwrite the input {what} ({path}); choose "
+                                f"another {what_out}. Nothing was written.")
+
+
+def protected_names(files: list[Path]) -> dict[Path, str]:
+    """Each input image → its output name (``<stem>.png``); names that would coincide are refused, also when they
+    differ only in case (one file on macOS' and Windows' file systems)."""
+    by_name: dict[str, list[Path]] = {}
+    for f in files:
+        by_name.setdefault(f"{f.stem}.png".casefold(), []).append(f)
+    clashes = [group for group in by_name.values() if len(group) > 1]
+    if clashes:
+        shown = "; ".join(f"{' and '.join(f.name for f in group)} → {group[0].stem}.png" for group in clashes[:5])
+        raise PPFlowerError(f"Input images would be written under one name: {shown}{' …' if len(clashes) > 5 else ''}. "
+                            "Rename all but one of each. Nothing was written.")
+    return {f: f"{f.stem}.png" for f in files}
+
+
+def protect_folder(transform: Path, input_dir: Path, output_dir: Path, device: str = "cpu", log=None) -> int:
+    """Write h_θ(x) as PNG for every image in ``input_dir`` and return how many were written.
+
+    Refused before anything is written: images h_θ cannot take, two inputs with one output name, and an output
+    folder that is the input folder (or would replace any input file). Each PNG is written atomically."""
     from torchvision.utils import save_image
 
+    transform, input_dir, output_dir = Path(transform), Path(input_dir), Path(output_dir)
+    files, others = _images_and_others(input_dir)
+    if output_dir.exists() and os.path.samefile(output_dir, input_dir):
+        raise PPFlowerError(f"The output folder {output_dir} is the input folder {input_dir}: the protected images "
+                            "would replace or mix with the plain ones. Choose another output folder. Nothing was "
+                            "written.")
+    names = protected_names(files)
+    refuse_overwriting_inputs([output_dir / n for n in names.values()],
+                              {"--transform": transform, **{f"image {f.name}": f for f in files}}, "output folder")
     net, _ = load_transform_net(transform)
     net = net.to(device).eval()
-    files = _images_in(input_dir)
     multiple = 2**net.depth
     images = [(f, _read(f)) for f in files]
     bad = [f"{f.name} ({x.shape[2]}×{x.shape[1]})" for f, x in images if x.shape[1] % multiple or x.shape[2] % multiple]
     if bad:
         raise PPFlowerError(f"h_θ (U-Net depth {net.depth}) needs width and height divisible by {multiple}; "
                             f"refused: {', '.join(bad[:10])}{' …' if len(bad) > 10 else ''}. Nothing was written.")
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = ensure_writable_dir(output_dir, "The output folder")
+    written = 0
     with torch.no_grad():
         for f, x in track(images, "Protecting"):
-            save_image(net(x[None].to(device))[0].cpu(), output_dir / f"{f.stem}.png")
-    return len(images)
+            target = output_dir / names[f]
+            tmp = output_dir / f".{names[f]}.tmp{os.getpid()}"
+            save_image(net(x[None].to(device))[0].cpu(), tmp, format="png")
+            os.replace(tmp, target)  # replaces the directory entry: never writes through a link into another file
+            written += 1
+    if log is not None and others:
+        log(f"skipped {len(others)} entr{'y' if len(others) == 1 else 'ies'} of {input_dir} that "
+            f"{'is' if len(others) == 1 else 'are'} not an image: {', '.join(others[:5])}{' …' if len(others) > 5 else ''}")
+    return written
 
 
 def classify_folder(classifier: Path, input_dir: Path, device: str = "cpu") -> list[tuple[str, str]]:

@@ -89,6 +89,11 @@ def train_classifier_cmd(
                            checkpoint_every=checkpoint_every, baseline=baseline, key=key, schedule=schedule,
                            label_smoothing=label_smoothing, fast=fast,
                            transform=str(transform or ""))
+    if transform is not None:  # an output never replaces an input: --out D with --transform D/best.pt
+        from pp_flower.evaluation import refuse_overwriting_inputs
+
+        refuse_overwriting_inputs([out / name for name in ("last.pt", "best.pt", "metrics.json")],
+                                  {"--transform": transform}, "--out")
     metrics = train_classifier(splits, out, cfg, device=resolve_device(device), log=console.print)
     console.print(f"[bold green]ψ ({model}) test accuracy: {metrics['test-accuracy']:.4f}[/]")
 
@@ -167,7 +172,7 @@ def protect(
     """Step (4): turn a folder of plain images into protected images x̂ = h_θ(x) to send to the provider."""
     from pp_flower.evaluation import protect_folder
 
-    n = protect_folder(transform, input_dir, output_dir, resolve_device(device))
+    n = protect_folder(transform, input_dir, output_dir, resolve_device(device), log=console.print)
     console.print(f"[green]{n} protected images → {output_dir}[/]")
 
 
