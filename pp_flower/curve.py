@@ -116,14 +116,17 @@ def measure(net: nn.Module, classifier: nn.Module, observer: nn.Module | None, f
 
 def run_curve(splits: Splits, classifier: nn.Module, observer: nn.Module | None, feature_net: nn.Module,
               cfg: CurveConfig, steps: int, out: Path, workdir: Path, device: str = "cpu",
-              provenance: dict | None = None, log: Callable[[str], None] = print) -> dict:
+              provenance: dict | None = None, log: Callable[[str], None] = print,
+              max_seconds: float | None = None) -> dict:
     """Train h_θ for ``steps`` steps (resuming from ``workdir/last.pt``) and write ``out/curve.json``.
 
     ``curve.json`` holds the config, the provenance, the reference values on plain images and one point per
     ``eval_every`` steps (step 0 included). ``workdir`` gets ``last.pt`` (resume point, with the x̂ of
     :data:`GRID_IMAGES` validation images at every point) and ``best.pt`` (lowest validation L_trans, an h_θ
-    checkpoint ``ppflower attack --transform`` takes). Raises PPFlowerError on a diverged loss.
+    checkpoint ``ppflower attack --transform`` takes). ``max_seconds`` bounds this call's wall time: training stops
+    at the first step past it and takes a last point (rerun to go on). Raises PPFlowerError on a diverged loss.
     """
+    deadline = time.monotonic() + max_seconds if max_seconds else math.inf
     app = cfg.app_config()
     out.mkdir(parents=True, exist_ok=True)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -195,7 +198,7 @@ def run_curve(splits: Splits, classifier: nn.Module, observer: nn.Module | None,
     autocast = (torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if cfg.precision == "bf16"
                 else contextlib.nullcontext())
     with Bar(f"h_θ curve (α = {cfg.alpha:g}, width {cfg.unet_base})", total=max(steps - state["step"], 0)) as bar:
-        while state["step"] < steps:
+        while state["step"] < steps and time.monotonic() < deadline:
             started = time.time()
             step = state["step"]
             ids, x = train_batch(train_images, shard, step, spe, app.batch_size, seed, app.augment)

@@ -326,6 +326,56 @@ def deploy_local_cmd(
                   f"{result['workdir']}/run/user-K/ (as a simulation's: `ppflower attack --run-dir` reads them)[/]")
 
 
+@app.command()
+def curve(
+    classifier: Path = typer.Option(..., "--classifier", help="ψ checkpoint (trained on plain images)."),
+    observer: Optional[Path] = typer.Option(None, "--observer", help="An independent classifier of plain images "
+                                            "(a second `train-classifier --seed 1`): how recognisable x̂ is."),
+    alpha: float = typer.Option(0.005, "--alpha", min=0.0, help="α of L_trans = L_class − α·L_feat."),
+    unet_base: int = typer.Option(16, "--unet-base", min=1, help="U-Net width (the authors: 64)."),
+    steps: int = typer.Option(3520, "--steps", min=1, help="Steps to train to (352 = one epoch of 45,000 images "
+                                                            "at batch 128); a larger value extends a finished curve."),
+    eval_every: int = typer.Option(50, "--eval-every", min=1, help="Steps between curve points."),
+    eval_images: int = typer.Option(1000, "--eval-images", min=2, help="Fixed validation images per point."),
+    max_minutes: float = typer.Option(0.0, "--max-minutes", min=0.0, help="Stop training after this much wall time "
+                                                                         "(then a last point; rerun to go on). 0 = "
+                                                                         "no limit."),
+    lr: float = typer.Option(0.1, "--lr", min=0.0, help="The authors: 0.1 (× 0.2 at epochs 60/120/160 of 200)."),
+    batch_size: int = typer.Option(128, "--batch-size", min=1),
+    precision: str = typer.Option("auto", "--precision", help="fp32, bf16 (autocast in the training step; "
+                                                              "measurements stay fp32), or auto: bf16 where the "
+                                                              "hardware has native bf16, else fp32."),
+    out: Optional[Path] = typer.Option(None, "--out", help="curve.json and figures [default: results/curve/"
+                                                           "a<α>-w<width>]."),
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="Resume point and best h_θ [default: "
+                                                                   "runs/curve/a<α>-w<width>]."),
+    data_dir: Optional[Path] = DataDir,
+    vgg_weights: Optional[Path] = VggWeights,
+    device: str = Device,
+):
+    """h_θ's learning curve with the authors' exact recipe (SGD lr 0.1, batch 128, 200-epoch step schedule), on all
+    training images, measured every --eval-every steps: ψ and the observer on x̂, protected PSNR/SSIM, losses,
+    saturation, collapse. Resumes when rerun; writes curve.json, fig_curve.png and fig_grid.png."""
+    from pp_flower.classifier import bf16_autocast_pays
+    from pp_flower.curve import CurveConfig
+    from sims import curve as curve_cmd
+
+    device = resolve_device(device)
+    if precision == "auto":
+        precision = "bf16" if bf16_autocast_pays(device) else "fp32"
+    cfg = CurveConfig(alpha=alpha, unet_base=unet_base, lr=lr, batch_size=batch_size, eval_every=eval_every,
+                      eval_images=eval_images, precision=precision)
+    name = f"a{alpha:g}-w{unet_base}"
+    out, workdir = out or Path("results/curve") / name, workdir or Path("runs/curve") / name
+    console.print(f"curve: α = {alpha:g}, width {unet_base}, {steps} steps, {precision} on {device} → {out}")
+    result = curve_cmd.run(classifier, observer, cfg, steps, out, workdir, data_dir, vgg_weights, device,
+                           log=console.print, max_seconds=60 * max_minutes or None)
+    last = result["points"][-1]
+    console.print(f"[bold green]step {last['step']}: ψ on x̂ {100 * last['psi-accuracy']:.1f} %, protected PSNR "
+                  f"{last['psnr-protected-median']:.2f} dB (median); best h_θ (lowest validation L_trans) at step "
+                  f"{result['best-step']} → {workdir}/best.pt; figures → {out}[/]")
+
+
 def _simulate_command() -> None:
     from sims.flower_simulation import cli as simulation_cli
 

@@ -29,7 +29,7 @@ def _classifier_record(path: Path) -> dict:
 
 
 def run(classifier: Path, observer: Path | None, cfg, steps: int, out: Path, workdir: Path, data_dir=None,
-        vgg_weights=None, device: str = "cpu", log=print) -> dict:
+        vgg_weights=None, device: str = "cpu", log=print, max_seconds: float | None = None) -> dict:
     """Train or resume one curve, then redraw ``out/fig_curve.png`` and ``out/fig_grid.png``; returns curve.json."""
     from pp_flower.checkpoints import ensure_writable_dir, load_classifier
     from pp_flower.curve import run_curve
@@ -50,7 +50,7 @@ def run(classifier: Path, observer: Path | None, cfg, steps: int, out: Path, wor
     provenance = {"command": portable(shlex.join(["ppflower", *sys.argv[1:]])), "commit": _git_commit(),
                   "machine": _machine(), "classifier": _classifier_record(classifier),
                   "observer": _classifier_record(observer) if observer else None}
-    curve = run_curve(splits, psi, obs, phi, cfg, steps, out, workdir, device, provenance, log)
+    curve = run_curve(splits, psi, obs, phi, cfg, steps, out, workdir, device, provenance, log, max_seconds)
     draw(out, workdir, splits)
     return curve
 
