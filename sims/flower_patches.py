@@ -7,7 +7,7 @@ the installed flwr is not the pinned one.
 
 | patch (flwr 1.42) | internals it touches | what it changes |
 |---|---|---|
-| install_event_driven_dispatch | vce_api.add_messages_to_queue, InMemoryGrid.push_messages | simulation dispatch wakes on push instead of polling every 100 ms |
+| install_event_driven_dispatch | vce_api.add_messages_to_queue, InMemoryGrid.push_messages/pull_messages/get_node_ids | simulation dispatch wakes on push instead of polling every 100 ms; the grid raises once the engine has stopped, so a ServerApp never outlives its engine |
 | run_simulation_engine | flwr.simulation.run_simulation._run_simulation | runs a ServerApp + ClientApp pair with our Context and backend config |
 | install_fast_polling | start_client_internal.time, _pull_and_store_message, _push_messages, HEARTBEAT_DEFAULT_INTERVAL | SuperNode idle poll 3 s → learned gap then 20 ms ×1.3 ≤ 0.5 s, reply poll 0.5 s → 0.01 s, heartbeat 30 s → 10 s; wakes the SuperExec per message |
 | install_woken_superexec | run_superexec.time | SuperExec task poll 1 s → on wake-up from the SuperNode, else 0.5 s |
@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading as _threading
 import time as _time
 
 from pp_flower.errors import PPFlowerError
@@ -84,7 +85,33 @@ def install_event_driven_dispatch() -> None:
 
     InMemoryGrid.push_messages = push_messages
     vce_api.add_messages_to_queue = add_messages_to_queue
+    _stop_grid_with_engine(InMemoryGrid)
     _DISPATCH_PATCHED = True
+
+
+ENGINE_STOPPED = _threading.Event()  # set when run_simulation_engine's engine has ended
+
+
+class SimulationEngineStopped(RuntimeError):
+    """The simulation engine is gone: the ServerApp's grid calls fail at once instead of timing out."""
+
+
+def _stop_grid_with_engine(grid_class) -> None:
+    """Make the in-memory grid's calls raise once the simulation engine has ended (crashed or stopped).
+
+    Flower 1.42 runs the ServerApp in a non-daemon thread and, when its engine dies (e.g. Ray cannot place an
+    actor), leaves that thread waiting out its own timeouts (the provider's setup waits up to 600 s) in a process
+    that cannot exit. With this, the ServerApp's next push, pull or node query raises and its thread ends.
+    """
+    for name in ("push_messages", "pull_messages", "get_node_ids"):
+        original = getattr(grid_class, name)
+
+        def checked(self, *args, _original=original, **kwargs):
+            if ENGINE_STOPPED.is_set():
+                raise SimulationEngineStopped("the simulation engine stopped")
+            return _original(self, *args, **kwargs)
+
+        setattr(grid_class, name, checked)
 
 
 def run_simulation_engine(server_app, client_app, num_supernodes: int, backend_config: dict, context,
@@ -94,9 +121,13 @@ def run_simulation_engine(server_app, client_app, num_supernodes: int, backend_c
     from flwr.simulation.run_simulation import _run_simulation
     from flwr.supercore.telemetry import EventType
 
-    _run_simulation(num_supernodes=num_supernodes, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-                    server_app=server_app, client_app=client_app, backend_name="ray",
-                    backend_config=backend_config, server_app_context=context, verbose_logging=verbose)
+    ENGINE_STOPPED.clear()
+    try:
+        _run_simulation(num_supernodes=num_supernodes, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+                        server_app=server_app, client_app=client_app, backend_name="ray",
+                        backend_config=backend_config, server_app_context=context, verbose_logging=verbose)
+    finally:
+        ENGINE_STOPPED.set()  # the ServerApp thread (still running if the engine died) stops at its next grid call
 
 
 # ------------------------------------------------------------------------------------- SuperNode, SuperExec
