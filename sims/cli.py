@@ -42,6 +42,13 @@ def _main(_version_flag: bool = typer.Option(False, "--version", callback=_versi
     on Flower, and measure how well it protects images."""
 
 
+def lock_out(path: Path, what: str = "--out") -> None:
+    """One run per output directory of a resumable command (held until this process ends; see sims/runlock.py)."""
+    from sims.runlock import lock_dir
+
+    lock_dir(path, what)
+
+
 def resolve_device(device: str) -> str:
     import torch
 
@@ -94,6 +101,7 @@ def train_classifier_cmd(
 
         refuse_overwriting_inputs([out / name for name in ("last.pt", "best.pt", "metrics.json")],
                                   {"--transform": transform}, "--out")
+    lock_out(out)
     metrics = train_classifier(splits, out, cfg, device=resolve_device(device), log=console.print)
     console.print(f"[bold green]ψ ({model}) test accuracy: {metrics['test-accuracy']:.4f}[/]")
 
@@ -119,6 +127,7 @@ def train_gan_cmd(
     splits = load_splits(data_dir, seed=seed, limit_train=limit_train, limit_eval=1)
     cfg = GanConfig(epochs=epochs, batch_size=batch_size, unet_base=unet_base, l1_weight=l1_weight, target=target,
                     key=key, seed=seed)
+    lock_out(out)
     train_gan_transform(splits, out, cfg, device=resolve_device(device), log=console.print)
     console.print(f"[green]generator → {out / 'transform.pt'}[/]")
 
@@ -157,6 +166,7 @@ def attack(
     from pp_flower.attack import AttackConfig
 
     cfg = AttackConfig(epochs=epochs, batch_size=batch_size, lr=lr, unet_base=unet_base, unet_depth=unet_depth)
+    lock_out(out or (run_dir / "attack" if run_dir else Path("runs/attack")))  # the default of attack_targets
     attack_targets(transform=transform, run_dir=run_dir, baseline=baseline, key=key, out=out, cfg=cfg, strong=strong,
                    perceptual_weight=perceptual_weight, force=force, data_dir=data_dir, limit_train=limit_train,
                    limit_eval=limit_eval, device=resolve_device(device), log=console.print)
@@ -264,6 +274,7 @@ def demo(
     """The whole pipeline at CPU scale: ψ → 2 users train h_θ on Flower → ITN-Attack → per-user report."""
     from sims.demo import run_demo
 
+    lock_out(out)
     run_demo(out, data_dir=data_dir, vgg_weights=vgg_weights, device=resolve_device(device), log=console.print)
 
 
@@ -285,6 +296,11 @@ def reproduce(
     Every stage is resumable: rerun the same command after an interruption and finished stages are skipped."""
     from sims.reproduce import reproduce as run_reproduce
 
+    from sims.reproduce import PRESETS
+
+    if preset in PRESETS:  # (an unknown preset is refused by run_reproduce, before any directory is made)
+        lock_out(out or Path("results") / preset)
+        lock_out(workdir or Path("runs") / f"reproduce-{preset}", "--workdir")
     result = run_reproduce(preset, out, workdir, data_dir, vgg_weights, resolve_device(device), log=console.print,
                            until=until)
     if result is None:
@@ -387,8 +403,10 @@ _simulate_command()
 
 
 def main() -> None:
+    from sims import signals
     from sims.flower_patches import plain_logs_when_piped
 
+    signals.install()  # SIGTERM and SIGHUP interrupt every command as Ctrl-C does (child processes included)
     try:
         plain_logs_when_piped()
         app()
@@ -402,8 +420,13 @@ def main() -> None:
                           "path (nothing else was changed).", markup=True, highlight=False)
         sys.exit(2)
     except KeyboardInterrupt:
-        err_console.print("[yellow]interrupted — rerun the same command to resume.[/]")
+        signals.print_resume_line()
         sys.exit(130)
+    except SystemExit as exc:
+        # typer turns an interrupt into a silent Exit(130) before the handler above could see it
+        if exc.code == 130 and signals.interrupted():
+            signals.print_resume_line()
+        raise
 
 
 if __name__ == "__main__":

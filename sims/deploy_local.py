@@ -23,10 +23,13 @@ import datetime as dt
 import ipaddress
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,6 +159,10 @@ class LocalDeployment:
         for var in ("PPFLOWER_DATA_DIR", "PPFLOWER_VGG_WEIGHTS", "PPFLOWER_CACHE_DIR"):
             if self.env.get(var):
                 self.env[var] = str(Path(self.env[var]).expanduser().resolve())
+        # every temporary directory of the processes started here (a SuperNode's trainer socket and secret, its
+        # SuperExec's FIFO) lies under one that stop() removes: none is left behind, even by a SIGKILLed node
+        self.tmp = tempfile.mkdtemp(prefix="ppf-dl-")
+        self.env["TMPDIR"] = self.tmp
         bindir = str(Path(sys.executable).parent)
         if bindir not in self.env.get("PATH", "").split(os.pathsep):
             self.env["PATH"] = bindir + os.pathsep + self.env.get("PATH", "")
@@ -274,6 +281,7 @@ class LocalDeployment:
         while family and time.time() < deadline:
             family = {pid for pid in family if alive(pid)}
             time.sleep(0.05)
+        shutil.rmtree(self.tmp, ignore_errors=True)  # the nodes' secrets and sockets: their owners are gone
 
     # --- helpers -------------------------------------------------------------------------------------
     def logtext(self, name: str) -> str:
@@ -406,21 +414,35 @@ def _signal(pid: int, sig: int) -> None:
 def deploy_local(users: int, workdir: Path, run_config: dict, secure: bool = True, log=print,
                  timeout: float = 3600, stream=print) -> dict:
     """Start everything, run the app, collect results, stop everything (also on Ctrl-C or a dead process)."""
+    from sims import signals
+    from sims.runlock import lock_dir, unlock_dir
+
     workdir = Path(workdir).resolve()
     run_dir = workdir / "run"  # run.json and user-K/: the layout of a simulation (`ppflower attack --run-dir` reads it)
     run_config = {**run_config, "run-dir": str(run_dir), "min-users": users}
+    if not sys.stdout.isatty():  # piped or logged: the provider's streamed log lines without Flower's colour codes
+        stream = (lambda plain: lambda line: plain(strip_ansi(line)))(stream)
+    lock = lock_dir(workdir, "--workdir")  # one deployment per workdir (its certificates, logs and run dir)
+    # Ctrl-C, `kill` (SIGTERM) and SIGHUP stop everything the same way, even when this process inherited an
+    # ignored SIGINT (e.g. a background job)
+    import threading
 
-    def terminate(signum, frame):  # `kill` on this process stops everything like Ctrl-C does
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, terminate)
-    # Ctrl-C must stop everything even when this process inherited an ignored SIGINT (e.g. a background job)
-    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.getsignal(sig) for sig in signals.SIGNALS} if in_main else {}
+    signals.install()
     try:
         return _deploy(users, workdir, run_dir, run_config, secure, log, timeout, stream)
     finally:
-        signal.signal(signal.SIGTERM, previous)
-        signal.signal(signal.SIGINT, previous_int)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        unlock_dir(lock)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+
+def strip_ansi(text: str) -> str:
+    return _ANSI.sub("", text)
 
 
 def _deploy(users, workdir, run_dir, run_config, secure, log, timeout, stream) -> dict:

@@ -137,6 +137,29 @@ def _row_key(alpha: float) -> str:
     return f"alpha{alpha:g}"
 
 
+def run_child(argv: list[str]) -> int:
+    """Run a child command (a stage's flower-simulation) to its end; its exit code.
+
+    An interrupt of this process (Ctrl-C, SIGTERM, SIGHUP: sims.signals) is passed on to the child as Ctrl-C and
+    waited for, so no simulation outlives ``reproduce`` (and the child gets SIGTERM should this process be killed
+    outright). A child that was itself interrupted (exit 130 or a signal) interrupts this run too: it is reported
+    as interrupted, not as failed."""
+    import signal
+
+    from sims import signals
+
+    child = subprocess.Popen(argv, preexec_fn=signals.die_with_parent, env={**os.environ, signals.NESTED: "1"})
+    try:
+        returncode = child.wait()
+    except BaseException:
+        signals.stop_child(child)
+        raise
+    if returncode in (130, -signal.SIGINT, -signal.SIGTERM, -signal.SIGHUP):
+        signals.mark_interrupted()
+        raise KeyboardInterrupt
+    return returncode
+
+
 class StopAfter(Exception):
     """``--until STAGE`` reached: the run stops there, resumable by the same command without ``--until``."""
 
@@ -235,9 +258,9 @@ class Reproduction:
                 str(self.preset.users), "--num-gpus", str(gpus), "--run-config", rc]
 
         def run() -> None:
-            result = subprocess.run(argv)  # every path above is absolute: the caller's directory does not matter
-            if result.returncode != 0:
-                raise PPFlowerError(f"The Flower simulation for α={alpha:g} failed (exit {result.returncode}).")
+            returncode = run_child(argv)  # every path above is absolute: the caller's directory does not matter
+            if returncode != 0:
+                raise PPFlowerError(f"The Flower simulation for α={alpha:g} failed (exit {returncode}).")
 
         self.stage(f"transform-{arch}-a{alpha:g}", run_dir / "run.json", run,
                    f"flower-simulation --app sims.main --num-supernodes {self.preset.users} --run-config {shlex.quote(rc)}")
