@@ -436,3 +436,24 @@ def augment(images: torch.Tensor, generator: torch.Generator, pad: int = 4, flip
         out = torch.where(mask[:, None, None, None], out.flip(-1), out)
     return out
 
+
+
+_INDEX_FINGERPRINTS: dict[str, str] = {}
+
+
+def index_fingerprint(data_dir: str | os.PathLike | None = None) -> str:
+    """What sample ids index, for provider and users to compare at setup: per part (train, test) the image count and
+    a hash of the file names in index order — never labels, never pixels. Two data sets with the same fingerprint
+    give every id the same image file; torchvision's CIFAR-10 (no data dir) is one fixed set."""
+    root = resolve_data_dir(data_dir)
+    if root is None:
+        return "torchvision-cifar10"
+    key = _folder_key(root / "train") + _folder_key(root / "test")
+    if key not in _INDEX_FINGERPRINTS:
+        parts = []
+        for part in ("train", "test"):
+            files, _, _ = _list_image_folder(root / part)
+            digest = hashlib.sha256("\0".join(f.name for f in files).encode()).hexdigest()[:16]
+            parts.append(f"{part}:{len(files)}:{digest}")
+        _INDEX_FINGERPRINTS[key] = " ".join(parts)
+    return _INDEX_FINGERPRINTS[key]

@@ -90,6 +90,7 @@ class LiveUser:
         self.index = int(meta.pop("user-index"))
         self.steps_per_epoch = int(meta.pop("steps-per-epoch"))
         self.out_dir = Path(str(meta.pop("out-dir")))
+        self.data_fingerprint = str(meta.pop("data-fingerprint", ""))  # what the provider's ids index
         self.cfg = AppConfig.from_run_config(meta)
         self.device = resolve_device(self.cfg.user_device, self.index)
         self.ids = ids
@@ -119,6 +120,21 @@ class LiveUser:
             self._data = load_datasets(self.cfg.data_dir or None)
         ds = self._data[0] if part in ("train", "val") else self._data[1]
         return ds.images, ds.labels
+
+    def check_data(self) -> None:
+        """Refuse to index another data set than the provider's: the same ids would name other images (no label
+        is compared: file names and counts only)."""
+        from pp_flower.data import index_fingerprint, resolve_data_dir
+
+        if not self.data_fingerprint:
+            return
+        mine = index_fingerprint(self.cfg.data_dir or None)
+        if mine != self.data_fingerprint:
+            where = resolve_data_dir(self.cfg.data_dir or None) or "torchvision's CIFAR-10"
+            raise PPFlowerError(f"user {self.index}: its data set ({where}: {mine}) is not the provider's "
+                                f"({self.data_fingerprint}), so the provider's sample ids would index other images; "
+                                "point this user's data-dir (node config or PPFLOWER_DATA_DIR) at the provider's "
+                                "data set.")
 
     def feature_net(self):
         if self._phi is None:
@@ -339,8 +355,9 @@ class LiveUser:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         self._write_grid(ids[:8])
-        return {"test-accuracy": accuracy, "protected-psnr": metrics["protected-psnr"]["mean"],
-                "protected-ssim": metrics["protected-ssim"]["mean"]}
+        # medians, as metrics.json, deploy-local, demo and the README report them (labels say "median")
+        return {"test-accuracy": accuracy, "protected-psnr": metrics["protected-psnr"]["median"],
+                "protected-ssim": metrics["protected-ssim"]["median"]}
 
     def _write_grid(self, ids: torch.Tensor) -> None:
         from pp_flower.report import save_pairs_grid
@@ -382,9 +399,10 @@ class UserTrainer:
         """Create (or recreate) a user's live state from the provider's config and the ids handed to it."""
         user = LiveUser(meta, {k: _tensor(v) for k, v in ids.items()})
         self._threads(user)
+        user.images("train")  # load (and cache) the images now, so the first step is not slowed by it
+        user.check_data()
         if resume:
             user.load_resume_point()
-        user.images("train")  # load (and cache) the images now, so the first step is not slowed by it
         user.feature_net()
         self.users[key] = user
         for live in self.users.values():

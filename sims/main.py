@@ -37,9 +37,17 @@ def make_server_app(message_log=None) -> ServerApp:
         from sims.flower_patches import install_fast_object_pulls
         from strategies.provider import ProviderStrategy  # the provider's torch stack: never in a user's process
 
+        from sims.runlock import lock_dir, unlock_dir
+
         install_fast_object_pulls()  # deployment: users' replies are pulled from the SuperLink without 1 s waits
-        cfg = AppConfig.from_run_config(context.run_config)
-        ProviderStrategy.from_config(cfg, message_log=message_log).start(grid)
+        # relative paths mean this process's directory (`flwr run .`: where the SuperLink was started), and users
+        # get them absolute in their setup message, wherever their processes run
+        cfg = AppConfig.from_run_config(absolute_paths(dict(context.run_config)))
+        lock = lock_dir(cfg.run_dir, "run-dir")  # one run per run dir (re-entrant: flower-simulation holds it too)
+        try:
+            ProviderStrategy.from_config(cfg, message_log=message_log).start(grid)
+        finally:
+            unlock_dir(lock)
 
     return app
 
@@ -47,11 +55,34 @@ def make_server_app(message_log=None) -> ServerApp:
 server_app = make_server_app()
 
 
+def absolute_paths(run_config: dict, from_env: bool = False) -> dict:
+    """``run_config`` with its paths (PATH_KEYS) made absolute against this process's directory; ``from_env``:
+    an empty data-dir / vgg-weights becomes what PPFLOWER_DATA_DIR / PPFLOWER_VGG_WEIGHTS name here."""
+    import os
+    from pathlib import Path
+
+    from pp_flower.config import PATH_KEYS
+
+    out = dict(run_config)
+    if from_env:
+        for key, var in (("data-dir", "PPFLOWER_DATA_DIR"), ("vgg-weights", "PPFLOWER_VGG_WEIGHTS")):
+            if not str(out.get(key, "") or "") and os.environ.get(var):
+                out[key] = os.environ[var]
+    for key in PATH_KEYS:
+        if str(out.get(key, "") or ""):
+            out[key] = str(Path(str(out[key])).expanduser().resolve())
+    return out
+
+
 def prepare_run_config(overrides: dict) -> dict:
-    """The full run config (defaults + ``overrides``), checked before any round starts (``flower-simulation``)."""
+    """The full run config (defaults + ``overrides``), checked before any round starts (``flower-simulation``).
+
+    Paths are resolved here, in the driver, and travel with the run: users on the machines of a Ray cluster (whose
+    workers have the head's environment and directory) read the data set and φ's weights the driver names."""
     from pp_flower.config import AppConfig, preflight
 
-    cfg = AppConfig.from_run_config(overrides)
+    cfg = AppConfig.from_run_config(absolute_paths(AppConfig.from_run_config(overrides).to_run_config(),
+                                                   from_env=True))
     preflight(cfg)  # a missing ψ, data set or φ, a class mismatch or an image size the U-Net can't take
     return cfg.to_run_config()
 
@@ -72,7 +103,7 @@ def report_run(run_config: dict, log) -> dict:
     for u in users:
         accuracy = u.get("test", {}).get("test-accuracy", float("nan"))
         psnr = u.get("test", {}).get("protected-psnr", float("nan"))
-        log(f"user {u['index']}: test accuracy {accuracy:.4f}, protected PSNR {psnr:.2f} dB")
+        log(f"user {u['index']}: test accuracy {accuracy:.4f}, protected PSNR {psnr:.2f} dB (median)")
         if not (math.isfinite(accuracy) and math.isfinite(psnr)):
             failed.append(str(u["index"]))
     if failed:

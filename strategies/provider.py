@@ -24,7 +24,7 @@ from flwr.serverapp.strategy import Result, Strategy
 from pp_flower import protocol as P
 from pp_flower.checkpoints import load_classifier, save_atomic, transform_blob
 from pp_flower.config import AppConfig, check_class_match, require_classifier
-from pp_flower.data import load_splits, user_shards
+from pp_flower.data import index_fingerprint, load_splits, user_shards
 from pp_flower.errors import PPFlowerError
 from pp_flower.models import UNet, check_image_size
 from pp_flower.progress import Bar
@@ -104,6 +104,7 @@ class ProviderStrategy(Strategy):
             on_gpu = next(classifier.parameters()).device.type == "cuda"
             self.microbatch = 0 if on_gpu else 128  # per training round: wall seconds and images trained
         self.result = Result()
+        self.data_fingerprint = ""  # what the ids index (file names and counts; from_config sets it)
         self._usual_wait: float | None = None  # smoothed seconds until every user has replied (deployment polling)
         self.timing = {"train-seconds": 0.0, "wait": 0.0, "user-compute-critical": 0.0, "user-compute-total": 0.0,
                        "provider-compute": 0.0, "steps": 0, "train-images": 0, "bytes-to-provider": 0,
@@ -123,8 +124,10 @@ class ProviderStrategy(Strategy):
         check_image_size(tuple(splits.train_all.images.shape[-2:]), cfg.unet_depth, "The training images")
         ids = {"train": splits.train_ids, "val": splits.val_ids, "test": splits.test_ids}
         shape = tuple(splits.train_all.images.shape[1:])
-        return cls(cfg, classifier.to(device), splits.train_all.labels, ids, shape, message_log,
-                   test_labels=splits.test_all.labels)
+        provider = cls(cfg, classifier.to(device), splits.train_all.labels, ids, shape, message_log,
+                       test_labels=splits.test_all.labels)
+        provider.data_fingerprint = index_fingerprint(cfg.data_dir or None)  # users check theirs against it
+        return provider
 
     # --- messaging -------------------------------------------------------------------------------------
     def exchange(self, grid: Grid, messages: list[Message], timeout: float, phase: str = "train"
@@ -222,8 +225,8 @@ class ProviderStrategy(Strategy):
                 self._epoch(grid, epoch)
         for user, metrics in self.evaluate(grid, "test").items():
             user.final_metrics = metrics
-            log.info("user %d: test accuracy %.4f, protected PSNR %.2f dB", user.index, metrics["test-accuracy"],
-                     metrics["protected-psnr"])
+            log.info("user %d: test accuracy %.4f, protected PSNR %.2f dB (median)", user.index,
+                     metrics["test-accuracy"], metrics["protected-psnr"])
         # the test is a round of its own, after the last training round and its validation
         self.result.evaluate_metrics_clientapp[len(self.rounds) + 1] = MetricRecord(self._per_user(
             {u: u.final_metrics for u in self.users.values() if u.final_metrics}))
@@ -265,10 +268,17 @@ class ProviderStrategy(Strategy):
             time.sleep(0.2)
 
     def _setup_message(self, user: UserTrack, node: int, resume: bool = False) -> Message:
+        return Message(content=P.make_content(config=self.setup_config(user, resume), ids=user.ids), dst_node_id=node,
+                       message_type=P.SETUP)
+
+    def setup_config(self, user: UserTrack, resume: bool = False) -> dict:
+        """What a user's setup message configures (with its ids): the run config without ψ's path, the user's
+        index, out-dir and schedule, and the fingerprint of the data set the ids index (no labels)."""
         config = {**self.cfg.to_run_config(), "user-index": user.index, "steps-per-epoch": self.steps_per_epoch,
-                  "out-dir": str(Path(self.cfg.run_dir) / f"user-{user.index}"), "resume": int(resume)}
+                  "out-dir": str(Path(self.cfg.run_dir) / f"user-{user.index}"), "resume": int(resume),
+                  "data-fingerprint": self.data_fingerprint}
         config.pop("classifier")  # where ψ lives is the provider's business
-        return Message(content=P.make_content(config=config, ids=user.ids), dst_node_id=node, message_type=P.SETUP)
+        return config
 
     @staticmethod
     def node_activations(grid: Grid) -> dict[int, str]:
@@ -343,7 +353,12 @@ class ProviderStrategy(Strategy):
             if user.applied:
                 log.info("user %d resumed from its resume point at step %d", user.index, user.applied)
         if not any(u.active for u in self.users.values()):
-            raise PPFlowerError("Every user failed its setup; see the log above.")
+            first = next((u for u in self.users.values() if u.dropped_steps), None)
+            why = ""
+            if first is not None:
+                lines = [line.strip() for line in first.dropped_steps[-1][1].splitlines() if line.strip()]
+                why = f" (user {first.index}: {lines[-1] if lines else 'no reply'})"
+            raise PPFlowerError(f"Every user failed its setup{why}; see the log above.")
         log.info("%d users, %d steps per epoch, batch %d", len(nodes), self.steps_per_epoch, self.cfg.batch_size)
 
     def _epoch(self, grid: Grid, epoch: int) -> None:
