@@ -39,6 +39,20 @@ class AttackConfig(SGDRecipe):
     perceptual: float = 0.0  # weight of the VGG16 relu2_2 feature loss (0 = the paper's MSE-only ITN)
     checkpoint_every: int = 20
 
+    def __post_init__(self) -> None:
+        import math
+
+        super().__post_init__()
+        for name, ok, allowed in (("unet-base", self.unet_base >= 4, "≥ 4"),
+                                  ("unet-depth", 1 <= self.unet_depth <= 6, "between 1 and 6"),
+                                  ("unet-arch", self.unet_arch in ("paper", "ours"), "paper or ours"),
+                                  ("perceptual-weight", math.isfinite(self.perceptual) and self.perceptual >= 0,
+                                   "a finite number ≥ 0"),
+                                  ("checkpoint-every", self.checkpoint_every >= 0, "≥ 0")):
+            if not ok:
+                value = self.perceptual if name == "perceptual-weight" else getattr(self, name.replace("-", "_"))
+                raise PPFlowerError(f"--{name} must be {allowed}, got {value!r}.")
+
 
 def network_target(net: nn.Module, device: str = "cpu") -> Target:
     """A transformation network (e.g. a user's h_θ) as an attack target."""
@@ -79,8 +93,18 @@ def train_attack(target: Target, splits: Splits, out_dir: str | Path, cfg: Attac
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    key = {"target": target_id or name, "attack": asdict(cfg), "n-train": len(splits.train),
-           "n-val": len(splits.val), "n-test": len(splits.test), **({"observer": observer[1]} if observer else {})}
+    from pp_flower.models import check_image_size, check_trainable
+    from pp_flower.training import data_key
+
+    size = tuple(splits.train.images.shape[-2:])
+    check_image_size(size, cfg.unet_depth, "The images (for the attacker's U-Net, --unet-depth)")
+    check_trainable("unet", size, cfg.batch_size, len(splits.train), "the ITN-Attack's inverse network",
+                    cfg.unet_depth)
+    if len(splits.val) < 1 or len(splits.test) < 1:
+        raise PPFlowerError("The attack needs validation and test images: --limit-eval must be ≥ 1 (or 0 for all).")
+    # what defines the result: the target, the settings (checkpoint_every aside) and the images (their pixels)
+    key = {"target": target_id or name, "attack": asdict(cfg), **data_key(splits),
+           **({"observer": observer[1]} if observer else {})}
     if (cached := _cached(out, key, force, log)) is not None:
         return cached
     torch.manual_seed(derive_seed(cfg.seed, "attack-init"))
@@ -127,9 +151,11 @@ def train_attack(target: Target, splits: Splits, out_dir: str | Path, cfg: Attac
                    "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
     (out / "attack.json").write_text(json.dumps(result, indent=2))
     save_attack_grid(estimator, target, splits.test.images[:8], out / "fig6.png", name, device)
-    protected_median = result.get("psnr-protected", {}).get("median", float("nan"))
-    log(f"ITN on {name}: median PSNR estimate {result['psnr-estimated']['median']:.2f} dB, "
-        f"protected {protected_median:.2f} dB")
+    protected = (f"{result['psnr-protected']['median']:.2f} dB" if "psnr-protected" in result
+                 else f"n/a ({in_channels} channels)")  # a 6-channel encryption has no PSNR to an RGB image
+    log(f"ITN on {name}: median PSNR estimate {result['psnr-estimated']['median']:.2f} dB, protected {protected}; "
+        f"median SSIM estimate {result['ssim-estimated']['median']:.3f} (SSIM ∈ [−1, 1]: 1 = same structure, "
+        "0 = none, < 0 = inverted, e.g. a negative-like image)")
     return result
 
 
@@ -146,17 +172,21 @@ def target_fingerprint(path: str | Path) -> str:
 
 def _cached(out: Path, key: dict, force: bool, log) -> dict | None:
     """The finished result for ``key`` in ``out``, None to (re)compute; results for another key need ``force``."""
+    from pp_flower.checkpoints import describe_changes, key_changes
+
     done, last = out / "attack.json", out / "last.pt"
-    found = json.loads(done.read_text()).get("cache-key") if done.exists() else None
-    if done.exists() and found == key and not force:
-        log(f"{done} is up to date (same target and settings); reusing it")
+    found = (json.loads(done.read_text()).get("cache-key") or {}) if done.exists() else None
+    if found is None and last.exists():
+        found = load_checkpoint(last, "attack_state")["config"]
+    # checkpoint_every changes no result; a result from before data fingerprints is reused if all else matches
+    changed = key_changes(found, key)[0] if found is not None else []
+    if done.exists() and not changed and not force:
+        log(f"{done} is up to date (same target, settings and data); reusing it")
         return json.loads(done.read_text())
-    stale = done.exists() or (last.exists() and load_checkpoint(last, "attack_state")["config"] != key)
-    if stale and not force:
-        old = found or (load_checkpoint(last, "attack_state")["config"] if last.exists() else {})
-        changed = sorted(k for k in key if old.get(k) != key[k]) or ["(an older format)"]
-        raise PPFlowerError(f"{out} holds an attack on another target or with other settings (differs in: "
-                            f"{', '.join(changed)}); rerun with --force to recompute it, or use another --out.")
+    if changed and not force:
+        raise PPFlowerError(f"{out} holds an attack on another target, with other settings or on other data "
+                            f"(differs in: {describe_changes(found, key, changed)}); rerun with --force to recompute "
+                            "it, or use another --out.")
     if force:
         for f in (done, last, out / "best.pt", out / "fig6.png"):
             f.unlink(missing_ok=True)

@@ -22,7 +22,7 @@ from pp_flower.errors import PPFlowerError
 from pp_flower.models import build_classifier
 from pp_flower.progress import track
 from pp_flower.seeds import derive_seed
-from pp_flower.training import Job, SGDRecipe, fit
+from pp_flower.training import Job, SGDRecipe, data_key, fit
 
 
 @dataclass
@@ -82,6 +82,60 @@ def _gan_generator(path: str) -> nn.Module:
     return _GENERATORS[path]
 
 
+def check_run(cfg: "ClassifierConfig", splits: Splits) -> None:
+    """Everything that would fail mid-run, refused before any work in one line: the options' ranges, ψ's and the
+    baseline's limits on these images, a batch BatchNorm can train on, the GAN generator's kind and size."""
+    from pp_flower.models import CLASSIFIERS, check_classifier_input, check_trainable
+
+    if cfg.arch not in CLASSIFIERS:
+        raise PPFlowerError(f"--model must be one of {', '.join(CLASSIFIERS)}, got '{cfg.arch}'.")
+    if not 0 <= cfg.label_smoothing < 1 or cfg.checkpoint_every < 0 or cfg.key < 0:
+        raise PPFlowerError("--label-smoothing must be in [0, 1), --checkpoint-every ≥ 0 and --key ≥ 0; got "
+                            f"{cfg.label_smoothing}, {cfg.checkpoint_every}, {cfg.key}.")
+    if cfg.baseline not in ("", "tanaka", "pixel", "pixel-per-image", "gan"):
+        raise PPFlowerError(f"Unknown baseline '{cfg.baseline}' (expected tanaka, pixel, pixel-per-image or gan).")
+    size = tuple(splits.train.images.shape[-2:])
+    check_classifier_input(cfg.arch, size)
+    check_trainable(cfg.arch, size, cfg.batch_size, len(splits.train), f"ψ ({cfg.arch})")
+    if len(splits.val) < 1 or len(splits.test) < 1:
+        raise PPFlowerError("ψ needs validation and test images: --limit-eval must be ≥ 1 (or 0 for all).")
+    if cfg.baseline == "tanaka":
+        from pp_flower.baselines.tanaka import check_block_size
+
+        check_block_size(size)
+    if cfg.baseline == "gan":
+        from pp_flower.checkpoints import check_image_size_matches, load_checkpoint
+
+        if not cfg.transform:
+            raise PPFlowerError("Baseline 'gan' needs the generator's checkpoint (--transform PATH).")
+        check_image_size_matches(load_checkpoint(cfg.transform, "transform_net"), size, cfg.transform,
+                                 "the training images")
+
+
+def chance_line(accuracy: float, num_classes: int, n: int, what: str = "ψ") -> str | None:
+    """A loud line when ``accuracy`` on ``n`` images cannot be told from guessing (within 3 standard deviations
+    of 1/``num_classes``), else None: a ψ at chance learned nothing, and h_θ trained against it means nothing."""
+    import math
+
+    if n < 1 or num_classes < 2:
+        return None
+    p = 1 / num_classes
+    if accuracy > p + 3 * math.sqrt(p * (1 - p) / n):
+        return None
+    return (f"WARNING: {what} is at chance level — validation accuracy {100 * accuracy:.1f} % on {n} images, "
+            f"chance {100 * p:.1f} % for {num_classes} classes: it learned nothing. Train longer (--epochs), on more "
+            f"images (--limit-train), or with the cpu preset's recipe (--schedule onecycle --lr 0.15 "
+            f"--label-smoothing 0.1); anything measured through it is meaningless.")
+
+
+def chance_line_of(blob: dict) -> str | None:
+    """:func:`chance_line` for a ψ checkpoint (its recorded validation accuracy); None when it has no record."""
+    val = blob.get("val") or {}
+    if "val-accuracy" not in val or "n-val" not in blob:
+        return None
+    return chance_line(float(val["val-accuracy"]), int(blob["num_classes"]), int(blob["n-val"]))
+
+
 def build_model(cfg: "ClassifierConfig", num_classes: int) -> nn.Module:
     """ψ, preceded by Tanaka's adaptation network when ψ works on Tanaka-encrypted images."""
     model = build_classifier(cfg.arch, num_classes)
@@ -120,8 +174,10 @@ def bf16_autocast_pays(device: str) -> bool:
 def train_classifier(splits: Splits, out_dir: str | Path, cfg: ClassifierConfig, device: str = "cpu",
                      log=print) -> dict:
     """Train ψ, writing ``last.pt`` (resume point), ``best.pt`` (lowest val loss) and ``metrics.json``."""
+    check_run(cfg, splits)
     out = ensure_writable_dir(out_dir, "--out")
     num_classes = len(splits.train.classes)
+    size = list(splits.train.images.shape[-2:])
     torch.manual_seed(derive_seed(cfg.seed, "classifier-init"))
     model = build_model(cfg, num_classes).to(device)
     bf16 = cfg.fast and bf16_autocast_pays(device)
@@ -150,15 +206,19 @@ def train_classifier(splits: Splits, out_dir: str | Path, cfg: ClassifierConfig,
 
     def save_best(epoch: int, val: dict) -> None:
         save_atomic(classifier_blob(model, cfg.arch, num_classes, baseline=cfg.baseline, key=cfg.key, epoch=epoch,
-                                    val=val, classes=list(splits.train.classes)), out / "best.pt")
+                                    val=val, classes=list(splits.train.classes), **{"image-size": size,
+                                                                                    "n-val": len(splits.val)}),
+                    out / "best.pt")
 
-    job = Job(kind="classifier", config=asdict(cfg), modules={"state_dict": model}, optimizers={"optimizer": opt},
+    # the resume key: everything that defines the result (checkpoint_every does not), and the images themselves
+    key = {**{k: v for k, v in asdict(cfg).items() if k != "checkpoint_every"}, **data_key(splits)}
+    job = Job(kind="classifier", config=key, modules={"state_dict": model}, optimizers={"optimizer": opt},
               step=step, validate=validate, save_best=save_best, n_train=len(splits.train), epochs=cfg.epochs,
               batch_size=cfg.batch_size, seed=cfg.seed, lr=cfg.lr_at,
               checkpoint_every=cfg.checkpoint_every, header={"version": FORMAT_VERSION, **header}, desc="ψ")
     state = fit(job, out, log=log)
 
-    best, _ = _load_best(out / "best.pt", device)
+    best, best_blob = _load_best(out / "best.pt", device)
     test = evaluate(best, splits.test, device, desc="test", cfg=cfg, ids=splits.test_ids + len(splits.train_all))
     metrics = {"arch": cfg.arch, "baseline": cfg.baseline or "none", "key": cfg.key, "config": asdict(cfg),
                "test-accuracy": test["accuracy"], "test-loss": test["loss"],
@@ -166,8 +226,12 @@ def train_classifier(splits: Splits, out_dir: str | Path, cfg: ClassifierConfig,
                "classes": list(splits.train.classes),
                "n-train": len(splits.train), "n-val": len(splits.val), "n-test": len(splits.test),
                "wall-seconds-this-session": state["wall-seconds-this-session"], "checkpoint": str(out / "best.pt")}
+    warning = chance_line(best_blob["val"]["val-accuracy"], num_classes, len(splits.val))
+    metrics["at-chance"] = warning is not None
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     log(f"test accuracy {test['accuracy']:.4f} (best.pt, {len(splits.test)} images) → {out / 'metrics.json'}")
+    if warning:
+        log(warning)
     return metrics
 
 

@@ -5,6 +5,8 @@ Keys are kebab-case in run configs (``alpha=0.005 batch-size=64``) and snake_cas
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
@@ -64,6 +66,8 @@ class AppConfig:
             if name not in known:
                 raise PPFlowerError(f"Unknown run-config key '{key}'. Known keys: {', '.join(cls.keys())}.")
             typ = type(known[name].default)
+            if typ in (int, float) and isinstance(value, bool):  # TOML's true is no number (it became 1.0)
+                raise PPFlowerError(f"Run-config key '{key}' must be a number, got {str(value).lower()}.")
             if typ is bool:
                 if isinstance(value, str) and value.lower() in ("true", "false"):
                     value = value.lower() == "true"
@@ -73,8 +77,10 @@ class AppConfig:
                 raise PPFlowerError(f"Run-config key '{key}' must be a whole number, got {value!r}.")
             try:
                 values[name] = typ(value)
-            except (TypeError, ValueError) as exc:
-                raise PPFlowerError(f"Run-config key '{key}' must be {typ.__name__}, got {value!r}.") from exc
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise PPFlowerError(f"Run-config key '{key}' must be {typ.__name__}, got {value!r}.") from None
+            if typ is float and not math.isfinite(values[name]):
+                raise PPFlowerError(f"Run-config key '{key}' must be a finite number, got {value!r}.")
         cfg = cls(**values)
         cfg.check()
         return cfg
@@ -97,10 +103,7 @@ class AppConfig:
                     allowed = "> 0"
                 raise PPFlowerError(f"Run-config key '{name.replace('_', '-')}' must be {allowed}, got {value!r}.")
         for name in ("user_device", "provider_device"):
-            device = getattr(self, name)
-            if device not in ("auto", "cpu") and not (device == "cuda" or device.startswith("cuda:")):
-                raise PPFlowerError(f"Run-config key '{name.replace('_', '-')}' must be auto, cpu, cuda or cuda:N, "
-                                    f"got {device!r}.")
+            check_device_name(getattr(self, name), f"Run-config key '{name.replace('_', '-')}'")
         if self.partition not in ("iid", "full"):
             raise PPFlowerError(f"partition must be 'iid' or 'full', got '{self.partition}'.")
         if self.aggregate not in ("none", "fedavg"):
@@ -134,12 +137,35 @@ def parse_run_config(text: str) -> dict[str, Any]:
     text = text.strip()
     if not text:
         return {}
+    if not text.endswith(".toml"):
+        check_key_value_text(text)
     try:
         return dict(parse_config_args([text]))
     except (click.ClickException, ValueError, OSError) as exc:
         message = exc.format_message() if isinstance(exc, click.ClickException) else str(exc)
         raise PPFlowerError(f"--run-config {text!r}: {message} Strings must be quoted, e.g. "
                             'classifier="runs/classifier/best.pt".') from None
+
+
+# Flower's own pattern for one pair (flwr.common.config.parse_config_args); text it does not match is dropped there
+_PAIR = re.compile(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)")
+
+
+def check_key_value_text(text: str) -> None:
+    """Refuse run-config text that is not whitespace-separated ``key=value`` pairs: Flower silently drops it, so
+    ``'epochs=2 alpha= 0.05'`` ran with the default α."""
+    leftover, end = [], 0
+    for match in _PAIR.finditer(text):
+        leftover.append(text[end:match.start()])
+        if match.start() > 0 and not text[match.start() - 1].isspace():
+            leftover.append(text[end:match.end()])
+        end = match.end()
+    leftover.append(text[end:])
+    bad = " ".join(piece.strip() for piece in leftover if piece.strip())
+    if bad:
+        raise PPFlowerError(f"--run-config: {bad!r} is not a key=value pair (whole text: {text!r}); write each "
+                            'setting as key=value with no spaces around "=", strings quoted, e.g. '
+                            "'alpha=0.05 classifier=\"runs/classifier/best.pt\"'.")
 
 
 def format_run_config(values: Mapping[str, Any]) -> str:
@@ -167,15 +193,29 @@ def preflight(cfg: AppConfig) -> None:
     from pp_flower.checkpoints import ensure_writable_dir, load_classifier
     from pp_flower.data import load_datasets
     from pp_flower.features import load_feature_net
-    from pp_flower.models import check_image_size
 
+    resolve_device(cfg.provider_device, "Run-config key 'provider-device'")  # the provider runs on this machine
     require_classifier(cfg.classifier)
     _, blob = load_classifier(cfg.classifier)
     train, _ = load_datasets(cfg.data_dir or None)
-    check_image_size(tuple(train.images.shape[-2:]), cfg.unet_depth, "The training images")
-    check_class_match(blob, train.classes, cfg.classifier)
+    check_app_inputs(cfg, blob, train, cfg.classifier)
     load_feature_net(cfg.vgg_weights or None, cfg.feature_layer)
     ensure_writable_dir(cfg.run_dir, "run-dir")  # last: a refused run leaves no directory behind
+
+
+def check_app_inputs(cfg: AppConfig, blob: dict[str, Any], train: Any, path: Any) -> None:
+    """What the Flower app's ψ and images must be, in one place (preflight, and the provider where no preflight
+    ran): ψ trained on plain images of these classes and this size, images the U-Net can take, batches BatchNorm
+    can train on (:func:`pp_flower.models.check_trainable`)."""
+    from pp_flower.checkpoints import check_image_size_matches, require_plain_classifier
+    from pp_flower.models import check_image_size, check_trainable
+
+    size = tuple(train.images.shape[-2:])
+    require_plain_classifier(blob, path, "h_θ training (the Flower app)")
+    check_image_size(size, cfg.unet_depth, "The training images")
+    check_class_match(blob, train.classes, path)
+    check_image_size_matches(blob, size, path, "the training images")
+    check_trainable("unet", size, cfg.batch_size, 2, "h_θ", cfg.unet_depth)
 
 
 def require_classifier(path: str) -> None:
@@ -194,3 +234,33 @@ def check_class_match(classifier_blob: dict[str, Any], classes: tuple[str, ...],
         theirs = ", ".join(known) if known else f"{classifier_blob['num_classes']} classes"
         raise PPFlowerError(f"ψ ({path}) was trained on {theirs}, but the data has {len(classes)} classes "
                             f"({', '.join(classes)}); train ψ on this data set first.")
+
+
+def check_device_name(device: str, what: str = "--device") -> None:
+    """A device string pp-flower understands (auto, cpu, cuda, cuda:N, mps), checked before anything is loaded."""
+    if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda|cuda:\d+|mps", device):
+        raise PPFlowerError(f"{what} must be auto, cpu, cuda, cuda:N or mps, got {device!r}.")
+
+
+def available_devices() -> list[str]:
+    """The devices this machine has, as torch names them."""
+    import torch
+
+    found = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0)]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        found.append("mps")
+    return found
+
+
+def resolve_device(device: str, what: str = "--device") -> str:
+    """The one device rule of the project: ``auto`` = the first GPU when there is one, else the CPU; any other name
+    must be a device this machine has, or one line names what it has."""
+    check_device_name(device, what)
+    have = available_devices()
+    if device == "auto":
+        return "cuda" if "cuda:0" in have else "cpu"
+    if device in have or (device == "cuda" and "cuda:0" in have):
+        return device
+    raise PPFlowerError(f"{what} {device}: this machine has no such device (it has: {', '.join(have)}); use "
+                        f"{'auto or ' if len(have) > 1 else ''}{' or '.join(have[:3])}.")

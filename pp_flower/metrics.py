@@ -13,7 +13,10 @@ def psnr(estimate: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def ssim(estimate: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """SSIM per image of [0, 1] batches (Gaussian window 11, σ 1.5)."""
+    """SSIM per image of [0, 1] batches (Gaussian window 11, σ 1.5).
+
+    SSIM lies in [−1, 1]: 1 = the same structure, 0 = no structural similarity, < 0 = anti-correlated structure
+    (e.g. a negative-like image: its structure is all there, inverted — not better hidden than at 0)."""
     return structural_similarity_index_measure(estimate.float(), target.float(), data_range=1.0, reduction="none")
 
 

@@ -59,6 +59,9 @@ class _BasicBlock(nn.Module):
 
 
 class ResNet20(nn.Module):
+    """ResNet-20 for CIFAR. Limits: any image size; in training, batches of ≥ 2 images when the last stage is 1×1
+    (sides ≤ 4; :func:`check_trainable`)."""
+
     def __init__(self, num_classes: int = 10, n: int = 3):
         super().__init__()
         self.normalize = Normalize()
@@ -84,7 +87,9 @@ class ResNet20(nn.Module):
 
 class VGG16BN(nn.Module):
     """VGG16 with batch norm, CIFAR variant as in the authors' ``lib/vgg.py``: torchvision's 13 conv layers
-    (1×1×512 after five poolings on 32×32), then their 512-512-classes head with dropout."""
+    (1×1×512 after five poolings on 32×32), then their 512-512-classes head with dropout.
+
+    Limits: both sides ≥ 32 (five 2×2 poolings; :func:`check_classifier_input`)."""
 
     def __init__(self, num_classes: int = 10):
         from torchvision.models.vgg import cfgs, make_layers
@@ -101,6 +106,51 @@ class VGG16BN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.features(self.normalize(x))
         return self.classifier(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+def smallest_bn_map(arch: str, size: tuple[int, int], depth: int = 4) -> int:
+    """Pixels per channel of the smallest feature map a BatchNorm layer of ``arch`` normalises (resnet20, vgg16,
+    unet): in training a batch needs more than one value per channel there."""
+    h, w = size
+    if arch == "resnet20":  # two stride-2 stages (3×3 convs, padding 1)
+        for _ in range(2):
+            h, w = (h + 1) // 2, (w + 1) // 2
+        return h * w
+    if arch in ("vgg16", "vgg16bn", "vgg16_bn"):  # BN runs before each of the 5 poolings: the last at size/16
+        return max(h // 16, 0) * max(w // 16, 0)
+    return (h // 2**depth) * (w // 2**depth)  # the U-Net's bottleneck
+
+
+def check_classifier_input(arch: str, size: tuple[int, int], what: str = "The images") -> None:
+    """ψ's limits. ResNet-20 takes any size; VGG16-BN pools five times (2×2), so both sides must be ≥ 32."""
+    if arch in ("vgg16", "vgg16bn", "vgg16_bn") and min(size) < 32:
+        raise PPFlowerError(f"{what} are {size[0]}×{size[1]}, but VGG16-BN pools five times and needs sides of at "
+                            "least 32 pixels: use --model resnet20, or resize the images to at least 32×32.")
+
+
+def check_trainable(arch: str, size: tuple[int, int], batch_size: int, n_train: int, what: str,
+                    depth: int = 4) -> None:
+    """A training run every batch of which BatchNorm can normalise, checked before any work.
+
+    Every training loop drops a last batch of a single image (pp_flower.transform.steps_per_epoch), so batches
+    hold at least 2 images when ``batch_size`` ≥ 2; with ``batch_size`` 1, each BatchNorm layer needs more than
+    one pixel per channel (the U-Net's bottleneck at depth 5 on 32×32 images is 1×1). One training image in
+    all can never be a batch of two."""
+    if n_train < 2:
+        raise PPFlowerError(f"{what}: {n_train} training image(s); BatchNorm needs batches of at least 2 images: "
+                            "use more images (--limit-train ≥ 2, or 0 for all).")
+    if batch_size < 2 and smallest_bn_map(arch, size, depth) < 2:
+        raise PPFlowerError(f"{what}: batch size 1 on {size[0]}×{size[1]} images leaves one value per channel in "
+                            f"{arch}'s smallest BatchNorm layer (1×1), which cannot be normalised: use a batch size "
+                            "of at least 2" + (f" or a smaller --unet-depth (unet-depth={depth - 1})" if arch == "unet"
+                                                and depth > 1 else "") + ".")
+
+
+def check_square(size: tuple[int, int], what: str = "The images") -> None:
+    """The GAN baseline's generator has a learned positional map of one square size."""
+    if size[0] != size[1]:
+        raise PPFlowerError(f"{what} are {size[0]}×{size[1]}, but the GAN baseline's generator (a U-Net with a learned "
+                            "square positional map) needs square images: crop or resize them to a square.")
 
 
 def build_classifier(arch: str, num_classes: int = 10) -> nn.Module:
@@ -134,7 +184,9 @@ def _up(cin: int, cout: int, arch: str) -> nn.Module:
 
 
 def check_image_size(size: tuple[int, int], depth: int, what: str = "The images") -> None:
-    """A depth-``depth`` U-Net halves H and W ``depth`` times: refuse other sizes up front, naming the fixes."""
+    """The U-Net's limit: a depth-``depth`` U-Net halves H and W ``depth`` times, so both sides must be divisible by
+    2**depth (a 1×1 bottleneck is allowed; batches of 2+ images then train it, see :func:`check_trainable`).
+    Other sizes are refused up front, naming the fixes."""
     step = 2**depth
     if size[0] % step or size[1] % step:
         fits = [d for d in range(1, depth) if size[0] % 2**d == 0 and size[1] % 2**d == 0]
@@ -144,7 +196,10 @@ def check_image_size(size: tuple[int, int], depth: int, what: str = "The images"
 
 
 class UNet(nn.Module):
-    """U-Net with widths ``base·(1, 2, 4, 8, 16)`` (the paper: base 64 → 64…1024); sigmoid output in [0, 1].
+    """Limits: H and W divisible by 2**depth (:func:`check_image_size`); in training, batches of ≥ 2 images where
+    the bottleneck is 1×1 (:func:`check_trainable`).
+
+    U-Net with widths ``base·(1, 2, 4, 8, 16)`` (the paper: base 64 → 64…1024); sigmoid output in [0, 1].
 
     ``depth`` is the number of 2× downsamplings (4 in the paper; inputs must be divisible by 2**depth).
     ``arch="paper"`` is the authors' U-Net (their ``lib/unet.py``, after LeeJunHyun's): convolutions with biases,
@@ -188,6 +243,8 @@ class PositionalUNet(nn.Module):
 
     Convolutions treat every position alike, so a plain U-Net cannot reproduce a keyed, position-dependent
     encryption such as pixel-based encryption; with the positional map it can (the GAN-based baseline's G).
+
+    Limits: square ``size``×``size`` images only (:func:`check_square`), sides divisible by 2**depth.
     """
 
     def __init__(self, base: int = 16, depth: int = 4, pos_channels: int = 8, size: int = 32, arch: str = "paper"):

@@ -7,14 +7,13 @@ learning-rate schedule with pp_flower.user, and nothing else.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from pp_flower.config import AppConfig
 from pp_flower.progress import track
 from pp_flower.transform import init_transform_net, make_optimizer, reference_step, set_lr, train_batch, user_seed
+from pp_flower.transform import steps_per_epoch as epoch_steps
 
 
 def train_in_process(cfg: AppConfig, classifier: nn.Module, feature_net: nn.Module, train_images: torch.Tensor,
@@ -25,7 +24,7 @@ def train_in_process(cfg: AppConfig, classifier: nn.Module, feature_net: nn.Modu
     net = init_transform_net(cfg.unet_base, cfg.unet_depth, cfg.seed, user_index, cfg.unet_arch).to(device)
     classifier = classifier.to(device).eval()
     opt = make_optimizer(net, cfg.lr, cfg.momentum, cfg.weight_decay)
-    spe = steps_per_epoch or math.ceil(len(shard_ids) / cfg.batch_size)
+    spe = steps_per_epoch or epoch_steps(len(shard_ids), cfg.batch_size)
     total = spe * cfg.epochs if max_steps is None else max_steps
     losses = []
     for step in track(range(total), "h_θ (in-process)"):

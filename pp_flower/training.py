@@ -26,11 +26,24 @@ from pp_flower.errors import PPFlowerError
 from pp_flower.losses import lr_at, one_cycle_lr
 from pp_flower.progress import track
 from pp_flower.seeds import generator
+from pp_flower.transform import steps_per_epoch
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, purpose: str = "order") -> list[torch.Tensor]:
-    """The sample indices of each step of ``epoch``: a fresh permutation per epoch, the last batch possibly short."""
-    return list(torch.split(torch.randperm(n, generator=generator(seed, purpose, epoch)), batch_size))
+    """The sample indices of each step of ``epoch``: a fresh permutation per epoch, the last batch possibly short
+    but never a single image (dropped, as in pp_flower.transform.steps_per_epoch: BatchNorm cannot train on it)."""
+    batches = list(torch.split(torch.randperm(n, generator=generator(seed, purpose, epoch)), batch_size))
+    return batches[:steps_per_epoch(n, batch_size)]
+
+
+def data_key(splits, parts: tuple[str, ...] = ("train", "val", "test")) -> dict[str, Any]:
+    """The part of a resume or cache key that says which images a run used: a fingerprint of their pixels
+    (pp_flower.data.dataset_fingerprint; covers the data set, the limits and the split) and their counts."""
+    from pp_flower.data import dataset_fingerprint
+
+    sets = [getattr(splits, part) for part in parts]
+    return {"data": dataset_fingerprint(*(s.images for s in sets)),
+            **{f"n-{part}": len(s) for part, s in zip(parts, sets)}}
 
 
 @dataclass
@@ -46,9 +59,13 @@ class SGDRecipe:
     schedule: str = "step"      # step: the paper's ×0.2 at 30/60/80 %; onecycle: warm-up then linear decay
 
     def __post_init__(self) -> None:
+        finite = math.isfinite
         for name, ok, allowed in (("epochs", self.epochs >= 1, "≥ 1"), ("batch_size", self.batch_size >= 1, "≥ 1"),
-                                  ("lr", self.lr > 0, "> 0"), ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
-                                  ("weight_decay", self.weight_decay >= 0, "≥ 0"),
+                                  ("lr", finite(self.lr) and self.lr > 0, "> 0 (and finite)"),
+                                  ("momentum", finite(self.momentum) and 0 <= self.momentum < 1, "in [0, 1)"),
+                                  ("weight_decay", finite(self.weight_decay) and self.weight_decay >= 0,
+                                   "≥ 0 (and finite)"),
+                                  ("seed", self.seed >= 0, "≥ 0"),
                                   ("schedule", self.schedule in ("step", "onecycle"), "step or onecycle")):
             if not ok:
                 raise PPFlowerError(f"--{name.replace('_', '-')} must be {allowed}, got {getattr(self, name)!r}.")
@@ -97,7 +114,10 @@ def fit(job: Job, out_dir: str | Path, log: Callable[[str], None] = print) -> di
     last = Path(out_dir) / "last.pt"
     progress: dict[str, Any] = {"epoch": 0, "step": 0, "history": [], "best-val-loss": float("inf"),
                                 "best-epoch": 0, "sums": {}, "seen": 0}
-    if (blob := load_resume_point(last, job.kind, job.config, job.desc)) is not None:
+    if job.n_train < 2 or not steps_per_epoch(job.n_train, job.batch_size):
+        raise PPFlowerError(f"{job.desc}: {job.n_train} training image(s) make no batch BatchNorm can train on; use "
+                            "at least 2 (--limit-train ≥ 2, or 0 for all).")
+    if (blob := load_resume_point(last, job.kind, job.config, job.desc, log)) is not None:
         for name, module in job.modules.items():
             module.load_state_dict(blob[name])
         for name, opt in job.optimizers.items():

@@ -49,6 +49,13 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=generator(seed, "order", epoch))
 
 
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Training steps in an epoch of ``n`` images: a last batch of a single image is dropped (BatchNorm cannot
+    normalise one value per channel, e.g. at a 1×1 U-Net bottleneck); every training loop uses this rule."""
+    full, rest = divmod(n, batch_size)
+    return full + (1 if rest >= 2 or (rest == 1 and batch_size == 1) else 0)
+
+
 def train_batch(images: torch.Tensor, shard_ids: torch.Tensor, step: int, steps_per_epoch: int, batch_size: int,
                 seed: int, do_augment: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(sample ids, float images) of training step ``step``: a pure function, so any step can be rebuilt."""

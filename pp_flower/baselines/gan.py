@@ -49,6 +49,21 @@ class GanConfig:
     key: int = 0                   # that encryption's key (only used for training; G itself has no key)
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        import math
+
+        checks = (("epochs", self.epochs >= 1, "≥ 1"), ("batch-size", self.batch_size >= 1, "≥ 1"),
+                  ("lr", math.isfinite(self.lr) and self.lr > 0, "a finite number > 0"),
+                  ("beta1", math.isfinite(self.beta1) and 0 <= self.beta1 < 1, "in [0, 1)"),
+                  ("l1-weight", math.isfinite(self.l1_weight) and self.l1_weight >= 0, "a finite number ≥ 0"),
+                  ("unet-base", self.unet_base >= 4, "≥ 4"), ("unet-depth", 1 <= self.unet_depth <= 6, "1…6"),
+                  ("pos-channels", self.pos_channels >= 1, "≥ 1"), ("key", self.key >= 0, "≥ 0"),
+                  ("seed", self.seed >= 0, "≥ 0"), ("target", self.target in ("pixel", "pixel-per-image"),
+                                                    "pixel or pixel-per-image"))
+        for name, ok, allowed in checks:
+            if not ok:
+                raise PPFlowerError(f"--{name} must be {allowed}, got {getattr(self, name.replace('-', '_'))!r}.")
+
 
 class PatchDiscriminator(nn.Module):
     """PatchGAN: one real/fake logit per overlapping patch of the (plain, protected) pair."""
@@ -80,14 +95,31 @@ def _adv(logits: torch.Tensor, real: bool) -> torch.Tensor:
 
 def train_gan_transform(splits: Splits, out_dir: str | Path, cfg: GanConfig, device: str = "cpu", log=print) -> dict:
     """Train G (and D); write ``transform.pt`` (G as a transform_net checkpoint) and ``metrics.json``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    from pp_flower.checkpoints import describe_changes, ensure_writable_dir, key_changes
+    from pp_flower.models import check_image_size, check_square, check_trainable
+    from pp_flower.training import data_key
+
+    hw = tuple(splits.train.images.shape[-2:])
+    check_square(hw)
+    check_image_size(hw, cfg.unet_depth, "The images (for the generator's U-Net)")
+    check_trainable("unet", hw, cfg.batch_size, len(splits.train), "the GAN's generator", cfg.unet_depth)
+    out = ensure_writable_dir(out_dir, "--out")
     done = out / "metrics.json"
-    if done.exists() and json.loads(done.read_text()).get("config") == asdict(cfg):
-        log(f"{done} exists for this configuration; skipping (delete it to retrain)")
-        return json.loads(done.read_text())
+    # what defines the generator: its settings and the images it learnt from (train-gan uses no val/test images)
+    key = {**asdict(cfg), **data_key(splits, ("train",))}
+    if done.exists():
+        old = json.loads(done.read_text())
+        # metrics.json before 0.3 had no key: its config and n-train stand in (its images cannot be checked)
+        old_key = old.get("key") or {**old.get("config", {}), "n-train": old.get("n-train")}
+        changed, _ = key_changes(old_key, key)
+        if not changed:
+            log(f"{done} exists for this configuration and data; skipping (delete it to retrain)")
+            return old
+        raise PPFlowerError(f"{out} holds a generator trained with other settings or data ("
+                            f"{describe_changes(old_key, key, changed)}); use another --out, or delete {done} to "
+                            "retrain.")
     torch.manual_seed(derive_seed(cfg.seed, "gan-init"))
-    size = splits.train.images.shape[-1]
+    size = hw[-1]
     generator = PositionalUNet(cfg.unet_base, cfg.unet_depth, cfg.pos_channels, size, arch=cfg.unet_arch).to(device)
     discriminator = PatchDiscriminator().to(device)
     opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))
@@ -110,13 +142,13 @@ def train_gan_transform(splits: Splits, out_dir: str | Path, cfg: GanConfig, dev
         opt_g.step()
         return {"loss-d": loss_d.item(), "loss-g-adv": adv.item(), "loss-g-l1": l1.item()}
 
-    job = Job(kind="gan_state", config=asdict(cfg), modules={"generator": generator, "discriminator": discriminator},
+    job = Job(kind="gan_state", config=key, modules={"generator": generator, "discriminator": discriminator},
               optimizers={"opt_g": opt_g, "opt_d": opt_d}, step=step, validate=None, save_best=None,
               n_train=len(train), epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, desc="GAN")
     progress = fit(job, out, log=log)
 
     save_atomic(transform_blob(generator.cpu().eval(), baseline="gan", config=asdict(cfg)), out / "transform.pt")
-    metrics = {"config": asdict(cfg), "history": progress["history"], "n-train": len(train),
+    metrics = {"config": asdict(cfg), "key": key, "history": progress["history"], "n-train": len(train),
                "wall-seconds-this-session": progress["wall-seconds-this-session"],
                "transform": str(out / "transform.pt")}
     done.write_text(json.dumps(metrics, indent=2))

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pp_flower.errors import PPFlowerError
+
 
 def split_nibbles(images: torch.Tensor) -> torch.Tensor:
     """uint8 (N, 3, H, W) → uint8 (N, 6, H, W): upper 4 bits in channels 0–2, lower 4 bits in 3–5."""
@@ -40,8 +42,19 @@ def block_scramble(blocks: torch.Tensor, permutation: torch.Tensor) -> torch.Ten
     return blocks[..., permutation]
 
 
+def check_block_size(size: tuple[int, int], block: int = 4, what: str = "The images") -> None:
+    """Tanaka's limit: the encryption and its adaptation network work on M×M blocks, so both sides must be
+    multiples of M (4)."""
+    if size[0] % block or size[1] % block:
+        fit = (size[0] // block * block, size[1] // block * block)
+        raise PPFlowerError(f"{what} are {size[0]}×{size[1]}, but Tanaka's encryption works on {block}×{block} blocks "
+                            f"and needs sides divisible by {block}: crop or resize them (e.g. to {fit[0]}×{fit[1]}).")
+
+
 class TanakaEncryption:
-    """Keyed block-wise encryption; ``encrypt``/``decrypt`` work on uint8 images (N, 3, H, W)."""
+    """Keyed block-wise encryption; ``encrypt``/``decrypt`` work on uint8 images (N, 3, H, W).
+
+    Limits: sides divisible by the block size (:func:`check_block_size`)."""
 
     channels = 6
 
