@@ -92,7 +92,7 @@ def protect_folder(transform: Path, input_dir: Path, output_dir: Path, device: s
     names = protected_names(files)
     refuse_overwriting_inputs([output_dir / n for n in names.values()],
                               {"--transform": transform, **{f"image {f.name}": f for f in files}}, "output folder")
-    net, _ = load_transform_net(transform)
+    net, blob = load_transform_net(transform)
     net = net.to(device).eval()
     multiple = 2**net.depth
     images = [(f, _read(f)) for f in files]
@@ -100,6 +100,7 @@ def protect_folder(transform: Path, input_dir: Path, output_dir: Path, device: s
     if bad:
         raise PPFlowerError(f"h_θ (U-Net depth {net.depth}) needs width and height divisible by {multiple}; "
                             f"refused: {', '.join(bad[:10])}{' …' if len(bad) > 10 else ''}. Nothing was written.")
+    _refuse_other_sizes(blob, transform, images)
     output_dir = ensure_writable_dir(output_dir, "The output folder")
     written = 0
     with torch.no_grad():
@@ -119,14 +120,34 @@ def classify_folder(classifier: Path, input_dir: Path, device: str = "cpu") -> l
     """ψ's predicted class for every (protected) image in ``input_dir``."""
     from pp_flower.data import CIFAR10_CLASSES
 
+    from pp_flower.checkpoints import require_plain_classifier
+
     model, blob = load_classifier(classifier)
+    require_plain_classifier(blob, classifier, "`ppflower classify` (3-channel images from `ppflower protect`)",
+                             allow_gan=True)
     model = model.to(device)
     classes = blob.get("classes") or list(CIFAR10_CLASSES)
+    images = [(f, _read(f)) for f in _images_in(input_dir)]
+    _refuse_other_sizes(blob, classifier, images)
     out = []
     with torch.no_grad():
-        for f in track(_images_in(input_dir), "Classifying"):
-            out.append((f.name, classes[model(_read(f)[None].to(device)).argmax(1).item()]))
+        for f, x in track(images, "Classifying"):
+            out.append((f.name, classes[model(x[None].to(device)).argmax(1).item()]))
     return out
+
+
+def _refuse_other_sizes(blob: dict, path: Path, images: list[tuple[Path, torch.Tensor]]) -> None:
+    """Images of another size than the checkpoint was trained at are refused, all named, before any work
+    (a checkpoint without a recorded size: see pp_flower.checkpoints.check_image_size_matches)."""
+    from pp_flower.checkpoints import describe, image_size_of
+
+    trained = image_size_of(blob)
+    wrong = [f"{f.name} ({x.shape[-1]}×{x.shape[-2]})" for f, x in images
+             if trained is not None and tuple(x.shape[-2:]) != trained]
+    if wrong:
+        raise PPFlowerError(f"{path} holds {describe(blob)} trained on {trained[1]}×{trained[0]} images; refused: "
+                            f"{', '.join(wrong[:10])}{' …' if len(wrong) > 10 else ''} — resize them to "
+                            f"{trained[1]}×{trained[0]}. Nothing was written.")
 
 
 def attack_targets(transform=None, run_dir=None, out=None, cfg=None, strong=False, perceptual_weight=1e-4,
@@ -151,7 +172,16 @@ def attack_targets(transform=None, run_dir=None, out=None, cfg=None, strong=Fals
         users = sorted(run_dir.glob("user-*/best.pt"))
         if not users:
             raise PPFlowerError(f"{run_dir} holds no user-*/best.pt; is it a finished `flower-simulation` run dir?")
-        targets.update({p.parent.name: p for p in users})
+        for p in users:  # --transform a/user-0/best.pt --run-dir b: both are user-0; each keeps its own results
+            name = p.parent.name
+            if name in targets and targets[name].resolve() != p.resolve():
+                first = targets.pop(name)
+                targets[f"{first.parent.parent.name or 'transform'}-{name}"] = first
+                name = f"{run_dir.name}-{name}"
+            if name in targets and targets[name].resolve() != p.resolve():
+                raise PPFlowerError(f"Two attack targets are both named '{name}' ({targets[name]} and {p}); attack "
+                                    "them in two calls with different --out.")
+            targets[name] = p
     callables, ids = {}, {name: target_fingerprint(path) for name, path in targets.items()}
     if baseline is not None:
         from pp_flower.baselines import BASELINES
@@ -162,14 +192,22 @@ def attack_targets(transform=None, run_dir=None, out=None, cfg=None, strong=Fals
         ids[f"{baseline}-key{key}"] = f"baseline:{baseline}:key={key}"
     if not targets and not callables:
         raise PPFlowerError("Nothing to attack: give --transform PATH, --run-dir PATH or --baseline NAME --key K.")
-    nets = {name: load_transform_net(path)[0] for name, path in targets.items()}  # wrong kinds fail here, early
+    loaded = {name: load_transform_net(path) for name, path in targets.items()}  # wrong kinds fail here, early
+    nets = {name: net for name, (net, _) in loaded.items()}
     out = ensure_writable_dir(Path(out) if out else (Path(run_dir) / "attack" if run_dir else Path("runs/attack")),
                               "--out")
     splits = load_splits(data_dir, limit_train=limit_train, limit_eval=limit_eval)
     size = tuple(splits.train.images.shape[-2:])
     check_image_size(size, cfg.unet_depth, "The images (for the attacker's U-Net, --unet-depth)")
-    for name, net in nets.items():
+    from pp_flower.checkpoints import check_image_size_matches
+
+    for name, (net, blob) in loaded.items():
         check_image_size(size, net.depth, f"The images (for h_θ {name})")
+        check_image_size_matches(blob, size, targets[name], "the data set's images")
+    if baseline == "tanaka":
+        from pp_flower.baselines.tanaka import check_block_size
+
+        check_block_size(size)
     attackers = {"ITN": cfg}
     if strong:
         attackers["ITN+feat"] = replace(cfg, perceptual=perceptual_weight)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from pp_flower import protocol as P
-from pp_flower.checkpoints import load_checkpoint, save_atomic, transform_blob
+from pp_flower.checkpoints import key_changes, load_checkpoint, save_atomic, transform_blob
 from pp_flower.config import AppConfig
 from pp_flower.data import load_datasets, to_float
 from pp_flower.errors import PPFlowerError
@@ -73,13 +73,15 @@ def graph_budget(device: str) -> int:
 
 
 def resolve_device(name: str, index: int) -> str:
-    """The user's torch device; a CUDA request without a visible GPU is one clear error naming the fix."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise PPFlowerError(f"user {index}: user-device={name} but no GPU is visible to its trainer; give users GPU "
-                            "shares (flower-simulation --num-gpus 0.25) or set user-device=\"cpu\".")
-    return name
+    """The user's torch device (pp_flower.config.resolve_device, the project's one rule); a device its trainer
+    does not see is one clear error naming the fix."""
+    from pp_flower.config import resolve_device as resolve
+
+    try:
+        return resolve(name, f"user {index}: user-device")
+    except PPFlowerError as exc:
+        raise PPFlowerError(f"{exc} Give users GPU shares (flower-simulation --num-gpus 0.25) or set "
+                            "user-device=\"cpu\".") from None
 
 
 class LiveUser:
@@ -103,7 +105,7 @@ class LiveUser:
         self.acc: dict[str, torch.Tensor] = {}              # evaluation results gathered chunk by chunk
         self.graph: tuple | None = None  # (step, x̂ with its graph, future of the feature-loss gradient at x̂)
         self.keep_graph = {"keep": True, "recompute": False}.get(self.cfg.keep_graph)  # None: decide (auto)
-        self._data = self._phi = None
+        self._data = self._phi = self._data_key = None
         self.hosted = 1  # users sharing this user's trainer (its memory budget for kept graphs)
         self._resume_key = self._make_resume_key()  # fixed for the user's life; snapshots run on hot paths
 
@@ -172,6 +174,18 @@ class LiveUser:
         return {**{k: v for k, v in self.cfg.to_run_config().items() if k not in self.MECHANICS},
                 "user-index": self.index, "steps-per-epoch": self.steps_per_epoch, "train-ids": ids}
 
+    def data_key(self) -> str:
+        """A fingerprint of this user's own training images (their pixels: pp_flower.data.dataset_fingerprint),
+        computed once: a resume point made from other images at the same ids is not this user's."""
+        if self._data_key is None:
+            from pp_flower.data import dataset_fingerprint
+
+            self._data_key = dataset_fingerprint(self.images("train")[0][self.ids["train"]])
+        return self._data_key
+
+    def image_size(self) -> list[int]:
+        return list(self.images("train")[0].shape[-2:])
+
     def restore(self, blob: dict) -> None:
         self.net.load_state_dict(blob["state_dict"])
         self.opt.state.clear()
@@ -182,7 +196,8 @@ class LiveUser:
         self.graph = None
 
     def save_resume_point(self) -> None:
-        save_atomic(self.snapshot(), self.out_dir / "resume.pt")
+        blob = self.snapshot()  # on disk, the key also holds the images' fingerprint (a later run may use others)
+        save_atomic({**blob, "config": {**blob["config"], "data": self.data_key()}}, self.out_dir / "resume.pt")
 
     def load_resume_point(self) -> None:
         """Continue from ``out-dir/resume.pt`` (and ``best.pt``) when they belong to this user and config."""
@@ -191,8 +206,10 @@ class LiveUser:
             log.info("user %d: no resume point in %s; h_θ starts afresh", self.index, self.out_dir)
             return
         blob = load_checkpoint(path, "user_state")
-        if blob.get("config") != self.resume_key():
-            log.warning("user %d: %s was written by another user or run config; h_θ starts afresh", self.index, path)
+        changed, _ = key_changes(blob.get("config") or {}, {**self.resume_key(), "data": self.data_key()})
+        if changed:  # a point from before data fingerprints (no "data") is this user's if all else matches
+            log.warning("user %d: %s was written by another user, run config or data (%s); h_θ starts afresh",
+                        self.index, path, ", ".join(changed[:6]))
             return
         self.restore(blob)
         if (self.out_dir / "best.pt").exists():
@@ -332,11 +349,13 @@ class LiveUser:
             if l_trans < float(self.progress["best-val"]):
                 self.progress.update({"best-val": l_trans, "best-epoch": epoch})
                 self.best = {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()}
-                save_atomic(transform_blob(self.net, alpha=self.cfg.alpha, epoch=epoch, val_transform_loss=l_trans),
+                save_atomic(transform_blob(self.net, self.image_size(), alpha=self.cfg.alpha, epoch=epoch,
+                                           val_transform_loss=l_trans),
                             self.out_dir / "best.pt")
-            save_atomic(transform_blob(self.net, alpha=self.cfg.alpha, epoch=epoch), self.out_dir / "final.pt")
+            save_atomic(transform_blob(self.net, self.image_size(), alpha=self.cfg.alpha, epoch=epoch),
+                        self.out_dir / "final.pt")
             if epoch in self.cfg.kept_epochs():  # h_θ after E epochs, for the budget curve
-                save_atomic(transform_blob(self.net, alpha=self.cfg.alpha, epoch=epoch),
+                save_atomic(transform_blob(self.net, self.image_size(), alpha=self.cfg.alpha, epoch=epoch),
                             self.out_dir / f"epoch-{epoch}.pt")
             self.save_resume_point()
             return {"val-class-loss": l_class, "val-feature-loss": l_feat, "val-transform-loss": l_trans,
@@ -423,7 +442,7 @@ class UserTrainer:
                 return user.evaluate(control, arrays.get(P.RESULT))
         except torch.cuda.OutOfMemoryError as exc:
             raise PPFlowerError(f"user {user.index}: out of GPU memory on {user.device} ({exc}). Lower batch-size "
-                                "or eval-chunk, set keep-graph=false, or give each user a larger GPU share "
+                                "or eval-chunk, set keep-graph=\"recompute\", or give each user a larger GPU share "
                                 "(flower-simulation --num-gpus).") from None
         raise PPFlowerError(f"unknown call '{kind}'")
 

@@ -50,25 +50,25 @@ def lock_out(path: Path, what: str = "--out") -> None:
 
 
 def resolve_device(device: str) -> str:
-    import torch
+    """--device: the project's one rule (pp_flower.config.resolve_device), checked against this machine."""
+    from pp_flower.config import resolve_device as resolve
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise PPFlowerError(f"--device {device} asked for, but no CUDA GPU is available; use --device cpu.")
-    return device
+    return resolve(device, "--device")
 
 
 @app.command("train-classifier")
 def train_classifier_cmd(
     model: str = typer.Option("resnet20", "--model", help="ψ architecture: resnet20 or vgg16 (VGG16-BN)."),
     epochs: int = typer.Option(200, min=1, help="Epochs (the paper: 200; lr ×0.2 at 30/60/80 %)."),
-    limit_train: Optional[int] = typer.Option(None, "--limit-train", help="Use only the first N training images."),
-    limit_eval: Optional[int] = typer.Option(None, "--limit-eval", help="Use only the first N validation/test images."),
+    limit_train: Optional[int] = typer.Option(None, "--limit-train", min=0, help="Use only the first N training "
+                                                                                 "images (0: all)."),
+    limit_eval: Optional[int] = typer.Option(None, "--limit-eval", min=0, help="Use only the first N validation/test "
+                                                                               "images (0: all)."),
     batch_size: int = typer.Option(128, "--batch-size", min=1),
-    lr: float = typer.Option(0.1),
-    seed: int = typer.Option(0),
-    checkpoint_every: int = typer.Option(10, "--checkpoint-every", help="Steps between resume checkpoints."),
+    lr: float = typer.Option(0.1, help="Peak learning rate (> 0)."),
+    seed: int = typer.Option(0, min=0),
+    checkpoint_every: int = typer.Option(10, "--checkpoint-every", min=0, help="Steps between resume checkpoints "
+                                                                                 "(does not change the result)."),
     schedule: str = typer.Option("step", "--schedule", help="step: the paper's lr ×0.2 at 30/60/80 %; onecycle: "
                                                             "warm-up to --lr, then linear decay to 0 (short runs)."),
     label_smoothing: float = typer.Option(0.0, "--label-smoothing", min=0.0, max=0.99,
@@ -78,7 +78,7 @@ def train_classifier_cmd(
                                                     "Without native bf16 it keeps fp32 (emulated bf16 is ~12× slower)."),
     baseline: str = typer.Option("", "--baseline", help="Train ψ on protected images: tanaka, pixel, pixel-per-image, "
                                                         "or gan (with --transform from `ppflower train-gan`)."),
-    key: int = typer.Option(0, "--key", help="The baseline's key (stored in the checkpoint and metrics)."),
+    key: int = typer.Option(0, "--key", min=0, help="The baseline's key (stored in the checkpoint and metrics)."),
     transform: Optional[Path] = typer.Option(None, "--transform", help="--baseline gan: the generator checkpoint."),
     out: Path = typer.Option(Path("runs/classifier"), "--out", help="Output dir: last.pt, best.pt, metrics.json."),
     data_dir: Optional[Path] = DataDir,
@@ -91,7 +91,6 @@ def train_classifier_cmd(
 
     if model not in CLASSIFIERS:
         raise PPFlowerError(f"--model must be one of {', '.join(CLASSIFIERS)}, got '{model}'.")
-    splits = load_splits(data_dir, seed=seed, limit_train=limit_train, limit_eval=limit_eval)
     cfg = ClassifierConfig(arch=model, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                            checkpoint_every=checkpoint_every, baseline=baseline, key=key, schedule=schedule,
                            label_smoothing=label_smoothing, fast=fast,
@@ -101,21 +100,28 @@ def train_classifier_cmd(
 
         refuse_overwriting_inputs([out / name for name in ("last.pt", "best.pt", "metrics.json")],
                                   {"--transform": transform}, "--out")
+    device = resolve_device(device)
+    splits = load_splits(data_dir, seed=seed, limit_train=limit_train, limit_eval=limit_eval)
     lock_out(out)
-    metrics = train_classifier(splits, out, cfg, device=resolve_device(device), log=console.print)
+    metrics = train_classifier(splits, out, cfg, device=device, log=console.print)
     console.print(f"[bold green]ψ ({model}) test accuracy: {metrics['test-accuracy']:.4f}[/]")
+    if metrics.get("at-chance"):
+        err_console.print("[bold red]ψ is at chance level on validation: it learned nothing (see the warning above); "
+                          "results measured through it mean nothing.[/]", highlight=False)
 
 
 @app.command("train-gan")
 def train_gan_cmd(
     epochs: int = typer.Option(200, min=1, help="Epochs of the conditional GAN."),
-    limit_train: Optional[int] = typer.Option(None, "--limit-train", help="Use only the first N training images."),
+    limit_train: Optional[int] = typer.Option(None, "--limit-train", min=0, help="Use only the first N training "
+                                                                                 "images (0: all)."),
     batch_size: int = typer.Option(64, "--batch-size", min=1),
-    unet_base: int = typer.Option(16, "--unet-base", help="Generator U-Net width (64 = the full U-Net)."),
-    l1_weight: float = typer.Option(100.0, "--l1-weight", help="λ: weight of ‖G(x) − E(x)‖₁ beside the GAN loss."),
+    unet_base: int = typer.Option(16, "--unet-base", min=4, help="Generator U-Net width (64 = the full U-Net)."),
+    l1_weight: float = typer.Option(100.0, "--l1-weight", min=0.0,
+                                    help="λ: weight of ‖G(x) − E(x)‖₁ beside the GAN loss."),
     target: str = typer.Option("pixel", "--target", help="Encryption G imitates: pixel or pixel-per-image."),
-    key: int = typer.Option(0, "--key", help="That encryption's key (training only; G has no key)."),
-    seed: int = typer.Option(0),
+    key: int = typer.Option(0, "--key", min=0, help="That encryption's key (training only; G has no key)."),
+    seed: int = typer.Option(0, min=0),
     out: Path = typer.Option(Path("runs/gan"), "--out", help="Output dir: transform.pt, metrics.json, last.pt."),
     data_dir: Optional[Path] = DataDir,
     device: str = Device,
@@ -124,11 +130,12 @@ def train_gan_cmd(
     from pp_flower.baselines.gan import GanConfig, train_gan_transform
     from pp_flower.data import load_splits
 
-    splits = load_splits(data_dir, seed=seed, limit_train=limit_train, limit_eval=1)
     cfg = GanConfig(epochs=epochs, batch_size=batch_size, unet_base=unet_base, l1_weight=l1_weight, target=target,
                     key=key, seed=seed)
+    device = resolve_device(device)
+    splits = load_splits(data_dir, seed=seed, limit_train=limit_train, limit_eval=1)
     lock_out(out)
-    train_gan_transform(splits, out, cfg, device=resolve_device(device), log=console.print)
+    train_gan_transform(splits, out, cfg, device=device, log=console.print)
     console.print(f"[green]generator → {out / 'transform.pt'}[/]")
 
 
@@ -138,20 +145,23 @@ def attack(
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="A finished simulation: attack every user's best.pt."),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="A keyed encryption to attack: tanaka, pixel or "
                                                                    "pixel-per-image."),
-    key: int = typer.Option(0, "--key", help="The baseline's key (stored with the results)."),
+    key: int = typer.Option(0, "--key", min=0, help="The baseline's key (stored with the results)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output dir (default: RUN_DIR/attack or runs/attack)."),
     epochs: int = typer.Option(200, min=1, help="Attacker epochs (the paper: 200, lr ×0.2 at 30/60/80 %)."),
     batch_size: int = typer.Option(128, "--batch-size", min=1),
-    lr: float = typer.Option(0.1),
+    lr: float = typer.Option(0.1, help="Learning rate (> 0)."),
     unet_base: int = typer.Option(16, "--unet-base", min=4, help="Attacker U-Net width (the paper: 64)."),
     unet_depth: int = typer.Option(4, "--unet-depth", min=1, max=6, help="Attacker U-Net depth (image sides must be "
                                                                           "divisible by 2**depth)."),
     strong: bool = typer.Option(False, "--strong", help="Also run the stronger attacker (MSE + VGG feature loss)."),
-    perceptual_weight: float = typer.Option(1e-4, "--perceptual-weight", help="Feature-loss weight of --strong."),
+    perceptual_weight: float = typer.Option(1e-4, "--perceptual-weight", min=0.0,
+                                            help="Feature-loss weight of --strong."),
     force: bool = typer.Option(False, "--force", help="Recompute attacks whose cached results in OUT came from another "
                                                       "target or other settings (otherwise refused)."),
-    limit_train: Optional[int] = typer.Option(None, "--limit-train", help="Attacker's training pairs (default 45,000)."),
-    limit_eval: Optional[int] = typer.Option(None, "--limit-eval", help="Validation/test images (default 5,000/10,000)."),
+    limit_train: Optional[int] = typer.Option(None, "--limit-train", min=0,
+                                              help="Attacker's training pairs (default or 0: all 45,000)."),
+    limit_eval: Optional[int] = typer.Option(None, "--limit-eval", min=0,
+                                             help="Validation/test images (default or 0: all 5,000/10,000)."),
     data_dir: Optional[Path] = DataDir,
     vgg_weights: Optional[Path] = VggWeights,
     device: str = Device,
@@ -166,10 +176,12 @@ def attack(
     from pp_flower.attack import AttackConfig
 
     cfg = AttackConfig(epochs=epochs, batch_size=batch_size, lr=lr, unet_base=unet_base, unet_depth=unet_depth)
+    AttackConfig(perceptual=perceptual_weight)  # its range, before any work
+    device = resolve_device(device)
     lock_out(out or (run_dir / "attack" if run_dir else Path("runs/attack")))  # the default of attack_targets
     attack_targets(transform=transform, run_dir=run_dir, baseline=baseline, key=key, out=out, cfg=cfg, strong=strong,
                    perceptual_weight=perceptual_weight, force=force, data_dir=data_dir, limit_train=limit_train,
-                   limit_eval=limit_eval, device=resolve_device(device), log=console.print)
+                   limit_eval=limit_eval, device=device, log=console.print)
 
 
 @app.command()
@@ -319,7 +331,8 @@ def deploy_local_cmd(
     workdir: Path = typer.Option(Path("runs/deploy-local"), "--workdir",
                                  help="Certificates, process logs, the provider's run.json and each user's outputs."),
     insecure: bool = typer.Option(False, "--insecure", help="No TLS, no SuperNode authentication (debugging only)."),
-    timeout: float = typer.Option(3600, "--timeout", help="Give up (and stop everything) after this many seconds."),
+    timeout: float = typer.Option(3600, "--timeout", min=1.0, help="Give up (and stop everything) after this many "
+                                                                   "seconds."),
 ):
     """Flower's Deployment Engine on loopback: SuperLink + N SuperNodes as separate processes, TLS and node
     authentication on, `flwr run` with the run config; results collected, every process stopped at the end."""
@@ -328,6 +341,8 @@ def deploy_local_cmd(
 
     if users < 1:
         raise PPFlowerError(f"--users must be at least 1, got {users}.")
+    if timeout != timeout or timeout == float("inf"):
+        raise PPFlowerError(f"--timeout must be a finite number of seconds, got {timeout}.")
     overrides = parse_run_config(run_config)
     # paths are the caller's: the ServerApp runs from Flower's installed copy of the app, elsewhere
     overrides.update({k: str(Path(v).expanduser().resolve()) for k, v in overrides.items() if k in PATH_KEYS and v})

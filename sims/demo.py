@@ -16,6 +16,7 @@ from pathlib import Path
 from rich.table import Table
 
 from pp_flower.config import AppConfig
+from pp_flower.errors import PPFlowerError
 
 # The budget, chosen by in-process trials on the 2-core box (BENCHMARKS.md, "Demo budget"): ψ 8 epochs on 10,000
 # images reaches 52 %; h_θ (width 8, 640 steps per user) at α = 0.003 kept 48–50 % at 12–13 dB, where α = 0.005
@@ -27,6 +28,25 @@ SIMULATION = {"alpha": 0.003, "epochs": 10, "batch-size": 32, "lr": 0.01, "unet-
 ATTACK = dict(epochs=2, batch_size=64, unet_base=8, unet_arch="ours", limit_train=2048, limit_eval=1000)
 
 
+def _check_demo_key(out: Path, data_dir) -> None:
+    """A rerun skips finished stages only when they were computed on the same images with the same budget
+    (``OUT/demo-key.json``); anything else is refused naming what changed (a demo dir from before it: reused)."""
+    from pp_flower.checkpoints import describe_changes, key_changes
+    from pp_flower.data import dataset_fingerprint, load_datasets
+
+    train, test = load_datasets(data_dir)
+    key = {"classifier": CLASSIFIER, "simulation": SIMULATION, "attack": ATTACK,
+           "data": dataset_fingerprint(train.images, test.images)}
+    path = out / "demo-key.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        changed, _ = key_changes(old, key)
+        if changed:
+            raise PPFlowerError(f"{out} holds a demo run with another budget or data ({describe_changes(old, key, changed)}"
+                                "); use another --out, or delete it to start afresh.")
+    path.write_text(json.dumps(key, indent=2))
+
+
 def run_demo(out: Path, data_dir=None, vgg_weights=None, device: str = "cpu", log=print) -> dict:
     from pp_flower.classifier import ClassifierConfig, train_classifier
     from pp_flower.data import load_splits
@@ -35,6 +55,7 @@ def run_demo(out: Path, data_dir=None, vgg_weights=None, device: str = "cpu", lo
     from pp_flower.checkpoints import ensure_writable_dir
 
     out = ensure_writable_dir(out, "--out")
+    _check_demo_key(out, data_dir)
     clf_dir = out / "classifier"
     log(f"[bold]1/4[/] provider trains ψ (ResNet-20, {CLASSIFIER['epochs']} epochs on {CLASSIFIER['limit_train']} images)")
     if (clf_dir / "metrics.json").exists():
@@ -73,7 +94,8 @@ def run_demo(out: Path, data_dir=None, vgg_weights=None, device: str = "cpu", lo
     log("[bold]4/4[/] report")
     table = Table(title=f"pp-flower demo (CPU scale, {clf_metrics['n-test']} test images)")
     for col in ("", "test accuracy through ψ (higher: more useful)", "PSNR plain↔protected, median dB (lower: "
-                "better hidden)", "SSIM plain↔protected, median (lower: better hidden)",
+                "better hidden)", "SSIM plain↔protected, median (in [−1, 1]; nearer 0: better "
+                "hidden; < 0: inverted structure, e.g. a negative-like image)",
                 "ITN-Attack estimate PSNR, median dB (lower: less recovered)"):
         table.add_column(col)
     table.add_row("plain images", f"{clf_metrics['test-accuracy']:.1%}", "∞", "1", "")

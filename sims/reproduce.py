@@ -189,9 +189,33 @@ class Reproduction:
                                             limit_eval=self.preset.limit_eval or None)
         return self._splits[key]
 
-    def stage(self, name: str, done: Path, run, command: str = "") -> None:
-        """Run ``run()`` unless ``done`` exists; record its wall time (summed over resumed attempts)."""
+    def data_fingerprint(self) -> str:
+        """The images every stage draws from (their pixels: pp_flower.data.dataset_fingerprint), once per run."""
+        if not hasattr(self, "_data_fp"):
+            from pp_flower.data import dataset_fingerprint
+
+            splits = self.splits(0)
+            self._data_fp = dataset_fingerprint(splits.train_all.images, splits.test_all.images)
+        return self._data_fp
+
+    def stage(self, name: str, done: Path, run, command: str = "", key: dict | None = None) -> None:
+        """Run ``run()`` unless ``done`` exists; record its wall time (summed over resumed attempts).
+
+        ``key`` is what defines the stage's result (its settings and the data's fingerprint), kept beside ``done``
+        as ``stage-key.json``: a done stage is reused only for the same key, else refused naming what changed.
+        A stage done before keys were kept (no stage-key.json) is reused as it is."""
+        from pp_flower.checkpoints import describe_changes, key_changes
+
+        key = {**(key or {}), "data": self.data_fingerprint()}
+        key_file = done.parent / "stage-key.json"
         if done.exists():
+            if key_file.exists():
+                old = json.loads(key_file.read_text())
+                changed, _ = key_changes(old, key)
+                if changed:
+                    raise PPFlowerError(f"Stage {name} in {done.parent} was computed with other settings or data "
+                                        f"({describe_changes(old, key, changed)}); use another --workdir and --out "
+                                        f"for this run, or delete {done.parent} to recompute the stage.")
             self.log(f"[dim]✓ {name}: done ({done})[/]")
             self._maybe_stop(name)
             return
@@ -211,6 +235,7 @@ class Reproduction:
             self.stages_file.write_text(json.dumps(self.stages, indent=2))
         if not done.exists():
             raise PPFlowerError(f"Stage {name} ended without writing {done}.")
+        key_file.write_text(json.dumps(key, indent=2))
         self._maybe_stop(name)
 
     def _maybe_stop(self, name: str) -> None:
@@ -237,9 +262,11 @@ class Reproduction:
                + (f" --limit-eval {self.preset.limit_eval}" if self.preset.limit_eval else "")
                + (f" --baseline {baseline} --key {cfg.key}" if baseline else "")
                + (f" --transform {transform}" if transform else "") + f" --out {out}")
+        key = {**{k: v for k, v in asdict(cfg).items() if k != "checkpoint_every"},
+               "limit-train": self.preset.limit_train, "limit-eval": self.preset.limit_eval}
         self.stage(name, out / "metrics.json",
                    lambda: train_classifier(self.splits(self.preset.limit_train), out, cfg, self.device, self.log),
-                   cmd)
+                   cmd, key)
         return out
 
     def transform(self, arch: str, alpha: float, classifier: Path) -> Path:
@@ -262,8 +289,13 @@ class Reproduction:
             if returncode != 0:
                 raise PPFlowerError(f"The Flower simulation for α={alpha:g} failed (exit {returncode}).")
 
+        from pp_flower.user import LiveUser
+
+        ignore = {*LiveUser.MECHANICS, "classifier", "data-dir", "vgg-weights"}  # ψ's and the data's keys cover them
+        key = {"users": self.preset.users, **{k: v for k, v in run_config.items() if k not in ignore}}
         self.stage(f"transform-{arch}-a{alpha:g}", run_dir / "run.json", run,
-                   f"flower-simulation --app sims.main --num-supernodes {self.preset.users} --run-config {shlex.quote(rc)}")
+                   f"flower-simulation --app sims.main --num-supernodes {self.preset.users} --run-config {shlex.quote(rc)}",
+                   key)
         return run_dir
 
     def gan(self) -> Path:
@@ -276,7 +308,7 @@ class Reproduction:
                                                self.log),
                    f"ppflower train-gan --epochs {cfg.epochs} --unet-base {cfg.unet_base} --key {cfg.key}"
                    + (f" --limit-train {self.preset.gan_limit_train}" if self.preset.gan_limit_train else "")
-                   + f" --out {out}")
+                   + f" --out {out}", {**asdict(cfg), "limit-train": self.preset.gan_limit_train})
         return out
 
     def attack(self, row: str, target, target_id: str, perceptual: float = 0.0, stage: str = "") -> Path:
@@ -294,7 +326,10 @@ class Reproduction:
                                         observer=(observer, target_fingerprint(observer_path))),
                    f"ppflower attack ... --epochs {cfg.epochs} --unet-base {cfg.unet_base} "
                    + (f"--strong {perceptual:g} " if perceptual else "")
-                   + f"--limit-train {self.preset.attack_limit_train} --out {out}")
+                   + f"--limit-train {self.preset.attack_limit_train} --out {out}",
+                   {"target": target_id, **{k: v for k, v in asdict(cfg).items() if k != "checkpoint_every"},
+                    "limit-train": self.preset.attack_limit_train, "limit-eval": self.preset.limit_eval,
+                    "observer": target_fingerprint(observer_path)})
         return out
 
     def _observer(self, path: Path):
@@ -567,7 +602,8 @@ def _markdown(table: list[dict], p: Preset, meta: dict) -> str:
     lines = [f"# Table I — preset `{p.name}`", "",
              "Test accuracy of ψ on each kind of image (%), measured by this product on the same data, beside the "
              "paper's Table I; protected-image PSNR and the ITN-Attack's estimate PSNR (medians over the test "
-             "images, dB; lower = better protection). *Best attack*: the better of the paper's ITN-Attack and a "
+             "images, dB; lower = better protection); SSIM lies in [−1, 1] (1 = the plain image's structure, 0 = "
+             "none, < 0 = inverted structure, e.g. a negative-like image). *Best attack*: the better of the paper's ITN-Attack and a "
              "stronger one with a VGG16 feature loss (weight chosen on validation, `strong_sweep.json`). "
              "*Recognisable*: test accuracy (%) of an independent classifier trained on plain images (the "
              "observer), on the protected images and on the better attack's estimates; chance is 10 %, plain "

@@ -23,12 +23,13 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from pp_flower import protocol as P
 from pp_flower.checkpoints import load_classifier, save_atomic, transform_blob
-from pp_flower.config import AppConfig, check_class_match, require_classifier
+from pp_flower.classifier import chance_line_of
+from pp_flower.config import AppConfig, check_app_inputs, require_classifier, resolve_device
 from pp_flower.data import index_fingerprint, load_splits, user_shards
 from pp_flower.errors import PPFlowerError
 from pp_flower.models import UNet, check_image_size
 from pp_flower.progress import Bar
-from pp_flower.transform import class_gradients
+from pp_flower.transform import class_gradients, steps_per_epoch
 
 log = logging.getLogger("pp_flower.provider")
 
@@ -115,13 +116,12 @@ class ProviderStrategy(Strategy):
         """Load ψ (clear error if missing or wrong) and the labels of the images the provider hands out."""
         require_classifier(cfg.classifier)
         classifier, blob = load_classifier(cfg.classifier)
-        device = cfg.provider_device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = resolve_device(cfg.provider_device, "Run-config key 'provider-device'")
         splits = load_splits(cfg.data_dir or None, seed=cfg.seed, limit_train=cfg.limit_train or None,
                              limit_eval=cfg.limit_eval or None)
-        check_class_match(blob, splits.train_all.classes, cfg.classifier)  # also where no preflight ran (flwr run)
-        check_image_size(tuple(splits.train_all.images.shape[-2:]), cfg.unet_depth, "The training images")
+        check_app_inputs(cfg, blob, splits.train_all, cfg.classifier)  # also where no preflight ran (flwr run)
+        if (warning := chance_line_of(blob)) is not None:  # a ψ at chance makes every number of this run meaningless
+            log.warning("ψ (%s): %s", cfg.classifier, warning)
         ids = {"train": splits.train_ids, "val": splits.val_ids, "test": splits.test_ids}
         shape = tuple(splits.train_all.images.shape[1:])
         provider = cls(cfg, classifier.to(device), splits.train_all.labels, ids, shape, message_log,
@@ -333,7 +333,10 @@ class ProviderStrategy(Strategy):
         min_shard = min(len(s) for s in shards)
         if min_shard == 0:
             raise PPFlowerError(f"{len(nodes)} users but only {len(self.ids['train'])} training images.")
-        self.steps_per_epoch = math.ceil(min_shard / self.cfg.batch_size)
+        self.steps_per_epoch = steps_per_epoch(min_shard, self.cfg.batch_size)  # a 1-image last batch is dropped
+        if not self.steps_per_epoch:
+            raise PPFlowerError(f"{len(nodes)} users but only {len(self.ids['train'])} training images: each user "
+                                "needs at least 2 (BatchNorm cannot train on one image); raise limit-train.")
         messages = []
         for index, (node, shard) in enumerate(zip(nodes, shards)):
             ids = {"train": self.ids["train"][shard], "val": self.ids["val"], "test": self.ids["test"]}
@@ -519,7 +522,7 @@ class ProviderStrategy(Strategy):
             self._reply_ok(self.users[node], reply)
         net = UNet(self.cfg.unet_base, self.cfg.unet_depth, arch=self.cfg.unet_arch)
         net.load_state_dict(average)
-        save_atomic(transform_blob(net, alpha=self.cfg.alpha, aggregate="fedavg"),
+        save_atomic(transform_blob(net, self.image_shape[-2:], alpha=self.cfg.alpha, aggregate="fedavg"),
                     Path(self.cfg.run_dir) / "public_transform_net.pt")
         log.info("FedAvg of %d users' h_θ → %s", len(states), Path(self.cfg.run_dir) / "public_transform_net.pt")
 
