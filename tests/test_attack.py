@@ -130,7 +130,7 @@ def test_attack_cache_is_keyed_by_the_target(small, tmp_path):
 
 def test_bad_attack_inputs_are_clear_errors(tmp_path, classifier_ckpt):
     proc = _ppflower("attack", "--transform", classifier_ckpt, "--epochs", 1)
-    assert proc.returncode == 2 and "classifier checkpoint, but a transform_net" in proc.stderr
+    assert proc.returncode == 2 and "holds a classifier ψ trained on plain images, but a transformation" in proc.stderr
     proc = _ppflower("attack", "--run-dir", tmp_path / "nope")
     assert proc.returncode == 2 and "does not exist" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -61,10 +61,10 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
 
 
 def test_wrong_checkpoint_kind_is_refused(classifier_ckpt, tmp_path):
-    with pytest.raises(PPFlowerError, match="classifier checkpoint, but a transform_net"):
+    with pytest.raises(PPFlowerError, match="holds a classifier ψ trained on plain images, but a transformation"):
         load_transform_net(classifier_ckpt)
     (tmp_path / "x.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(PPFlowerError, match="Cannot read"):
+    with pytest.raises(PPFlowerError, match="is not a pp-flower checkpoint"):
         load_classifier(tmp_path / "x.pt")
     with pytest.raises(PPFlowerError, match="does not exist"):
         load_classifier(tmp_path / "missing.pt")

@@ -327,7 +327,7 @@ def test_run_config_text_needs_quoted_strings_and_gets_a_clear_error():
     ("alpha", -1, "'alpha' must be ≥ 0"), ("unet-base", 3, "'unet-base' must be ≥ 4"),
     ("augment", "maybe", "'augment' must be true or false"), ("lr", -5, "'lr' must be > 0"),
     ("epochs", 0, "'epochs' must be ≥ 1"), ("epochs", 1.5, "'epochs' must be a whole number"),
-    ("user-device", "gpu", "'user-device' must be auto, cpu, cuda or cuda:N"),
+    ("user-device", "gpu", "'user-device' must be auto, cpu, cuda, cuda:N or mps"),
     ("keep-graph", "sometimes", "keep-graph must be 'auto', 'keep' or 'recompute'"),
 ])
 def test_out_of_range_run_config_is_one_clear_line(key, value, says):
