@@ -182,6 +182,7 @@ def attack_targets(transform=None, run_dir=None, out=None, cfg=None, strong=Fals
                 raise PPFlowerError(f"Two attack targets are both named '{name}' ({targets[name]} and {p}); attack "
                                     "them in two calls with different --out.")
             targets[name] = p
+    loaded = {name: load_transform_net(path) for name, path in targets.items()}  # wrong kinds fail here, early
     callables, ids = {}, {name: target_fingerprint(path) for name, path in targets.items()}
     if baseline is not None:
         from pp_flower.baselines import BASELINES
@@ -192,7 +193,6 @@ def attack_targets(transform=None, run_dir=None, out=None, cfg=None, strong=Fals
         ids[f"{baseline}-key{key}"] = f"baseline:{baseline}:key={key}"
     if not targets and not callables:
         raise PPFlowerError("Nothing to attack: give --transform PATH, --run-dir PATH or --baseline NAME --key K.")
-    loaded = {name: load_transform_net(path) for name, path in targets.items()}  # wrong kinds fail here, early
     nets = {name: net for name, (net, _) in loaded.items()}
     out = ensure_writable_dir(Path(out) if out else (Path(run_dir) / "attack" if run_dir else Path("runs/attack")),
                               "--out")
