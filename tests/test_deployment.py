@@ -180,7 +180,10 @@ def test_deploy_local_stops_every_process_on_ctrl_c(tmp_path, classifier_ckpt):
     workdir = tmp_path / "dep"
     argv = [sys.executable, "-m", "sims.cli", "deploy-local", "--users", "2", "--workdir", str(workdir),
             "--run-config", f'classifier="{classifier_ckpt}" limit-train=48 batch-size=16 unet-base=4 unet-depth=2']
-    cli = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    tmp = tmp_path / "tmp"  # where every process it starts makes its temporary directories (a node's secret…)
+    tmp.mkdir()
+    cli = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           env={**os.environ, "TMPDIR": str(tmp)})
     deadline = time.time() + 180
     while not (workdir / "flwr-run.log").exists() and time.time() < deadline:
         time.sleep(0.5)
@@ -193,6 +196,9 @@ def test_deploy_local_stops_every_process_on_ctrl_c(tmp_path, classifier_ckpt):
     cli.send_signal(signal.SIGINT)
     out, _ = cli.communicate(timeout=60)
     assert cli.returncode == 130, out[-2000:]
+    assert "\x1b[" not in out, out[-2000:]  # piped: no ANSI colour codes, the provider's streamed lines included
+    assert "rerun the same command to resume" in out
+    assert not list(tmp.glob("ppf-*")), list(tmp.rglob("*"))  # no trainer secret or socket directory left behind
     # deploy-local returns only once every process it started (children included) has exited: nothing to wait for
     survivors = subprocess.run(["pgrep", "-f", str(workdir)], capture_output=True, text=True).stdout.split()
     assert survivors == [], [open(f"/proc/{p}/cmdline").read() for p in survivors if os.path.exists(f"/proc/{p}")]
