@@ -89,12 +89,15 @@ def stop_child(proc, grace: float = 60.0) -> None:
         pass
 
 
+try:  # resolved here, not in the forked child (loading a library between fork and exec may deadlock)
+    import ctypes
+
+    _PRCTL = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux/glibc: children are still stopped by stop_child
+    _PRCTL = None
+
+
 def die_with_parent() -> None:
     """``preexec_fn`` for children: SIGTERM them when this process dies, even by SIGKILL (Linux prctl)."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    if _PRCTL is not None:
+        _PRCTL(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
