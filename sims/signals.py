@@ -47,6 +47,8 @@ def install(on_first=None) -> None:
     if on_first is not None and on_first not in _on_first:
         _on_first.append(on_first)
     for sig in SIGNALS:
+        if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
+            continue  # started under nohup: a closed terminal must not stop the run
         signal.signal(sig, _handler)
 
 
