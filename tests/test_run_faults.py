@@ -200,9 +200,15 @@ def _train_classifier(out: Path, epochs: int = 200) -> list[str]:
             "--limit-eval", "64", "--batch-size", "32", "--checkpoint-every", "1", "--out", str(out)]
 
 
+def _default_signals() -> None:
+    """In the child: SIGINT and SIGHUP as a terminal's command gets them, however pytest was started (nohup, &)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 def _start(argv, **kwargs) -> subprocess.Popen:
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            start_new_session=True, **kwargs)
+                            start_new_session=True, preexec_fn=_default_signals, **kwargs)
 
 
 def _stop(proc: subprocess.Popen) -> None:
