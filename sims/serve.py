@@ -17,6 +17,7 @@ concurrent requests are batched dynamically (``@serve.batch``) up to ``--batch-s
 
 # no `from __future__ import annotations`: FastAPI must see the real `Request` type of the routes Serve rebinds
 import asyncio
+import logging
 import os
 import signal
 import sys
@@ -205,13 +206,21 @@ def _start_ray(options: ServeOptions) -> bool:
     pythonpath = os.pathsep.join(p for p in [*sys.path, os.environ.get("PYTHONPATH", "")] if p)
     os.environ["PYTHONPATH"] = pythonpath  # replicas import sims.serve / pp_flower as this process does
     runtime_env = {"env_vars": {"PYTHONPATH": pythonpath}}
-    if options.ray_address:
-        ray.init(address=options.ray_address, runtime_env=runtime_env, logging_level="WARNING")
-        return False
-    # a small footprint: no dashboard, a 128 MiB object store (requests are kilobytes), only the cores asked for
-    ray.init(num_cpus=options.num_cpus or os.cpu_count(), num_gpus=None, include_dashboard=False,
-             object_store_memory=128 * 2**20, runtime_env=runtime_env, logging_level="WARNING")
-    return True
+    try:
+        if options.ray_address:
+            ray.init(address=options.ray_address, runtime_env=runtime_env, logging_level="WARNING")
+            return False
+        # a small footprint: no dashboard, a 128 MiB object store (requests are kilobytes), only the cores asked for
+        ray.init(num_cpus=options.num_cpus or os.cpu_count(), num_gpus=None, include_dashboard=False,
+                 object_store_memory=128 * 2**20, runtime_env=runtime_env, logging_level="WARNING")
+        return True
+    except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
+        raise PPFlowerError(f"Ray did not start{f' at {options.ray_address}' if options.ray_address else ''}: "
+                            f"{str(exc).splitlines()[0][:300]}") from None
+    except Exception as exc:  # noqa: BLE001 - ray.init raises a bare Exception when its node times out
+        if type(exc) is not Exception:
+            raise
+        raise PPFlowerError(f"Ray did not start: {str(exc).splitlines()[0][:300]}") from None
 
 
 def _serve_was_running() -> bool:
@@ -259,7 +268,8 @@ def serve_classifier(classifier: Path, options: ServeOptions, log: Callable[[str
     from ray.serve.schema import LoggingConfig
 
     check_options(classifier, options)
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     serve_started = False
     try:
         _start_ray(options)
@@ -267,9 +277,12 @@ def serve_classifier(classifier: Path, options: ServeOptions, log: Callable[[str
         signal.signal(signal.SIGTERM, signal.default_int_handler)
         serve_started = not _serve_was_running()
         logging_config = LoggingConfig(log_level="WARNING", enable_access_log=options.access_log)
-        serve.start(http_options=HTTPOptions(host=options.host, port=options.port, ssl_certfile=options.ssl_certfile,
-                                             ssl_keyfile=options.ssl_keyfile),
-                    logging_config=logging_config)
+        # serve.run restarts Serve with its defaults and warns that ours are kept: we print our own lines instead
+        logging.getLogger("ray.serve").setLevel(logging.ERROR)
+        # one HTTP proxy, on the Ray head node: the one address (and the one place for the TLS files) users need
+        serve.start(proxy_location="HeadOnly", logging_config=logging_config,
+                    http_options=HTTPOptions(host=options.host, port=options.port, ssl_certfile=options.ssl_certfile,
+                                             ssl_keyfile=options.ssl_keyfile))
         deployment = PsiService.options(
             num_replicas=options.replicas, max_ongoing_requests=options.max_ongoing_requests,
             ray_actor_options={"num_cpus": options.cpus_per_replica, "num_gpus": options.num_gpus})
@@ -286,12 +299,13 @@ def serve_classifier(classifier: Path, options: ServeOptions, log: Callable[[str
         while deadline is None or time.monotonic() < deadline:
             time.sleep(0.5)
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
+        for sig in previous:  # a second Ctrl-C or SIGTERM must not cut the clean-up short
+            signal.signal(sig, signal.SIG_IGN)
         try:
             _shutdown(serve_started)
         finally:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def _shutdown(serve_started: bool) -> None:
