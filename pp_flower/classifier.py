@@ -188,8 +188,12 @@ def train_classifier(splits: Splits, out_dir: str | Path, cfg: ClassifierConfig,
     header = dict(arch=cfg.arch, num_classes=num_classes, baseline=cfg.baseline, key=cfg.key,
                   classes=list(splits.train.classes))
 
+    # on a GPU the training images stay resident there (45,000 CIFAR images: 138 MB) and are augmented in place
+    resident = splits.train.images.to(device) if torch.device(device).type == "cuda" and not cfg.baseline else None
+
     def step(idx: torch.Tensor, g: torch.Generator) -> dict[str, float]:
-        x = model_input(splits.train.images[idx], splits.train_ids[idx], cfg, g if cfg.augment else None).to(device)
+        images = splits.train.images[idx] if resident is None else resident[idx.to(device)]
+        x = model_input(images, splits.train_ids[idx], cfg, g if cfg.augment else None).to(device)
         if cfg.fast:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):

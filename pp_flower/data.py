@@ -421,18 +421,19 @@ def augment(images: torch.Tensor, generator: torch.Generator, pad: int = 4, flip
             crop: bool = True) -> torch.Tensor:
     """The paper's augmentation, per image: random crop with zero padding ``pad`` and horizontal flip."""
     n, _, h, w = images.shape
+    dev = images.device  # the draws come from the CPU generator, so a batch is the same on every device
     out = images
     if crop:
         padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
-        dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-        dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-        rows = (dy[:, None] + torch.arange(h)[None, :])[:, None, :, None]
-        cols = (dx[:, None] + torch.arange(w)[None, :])[:, None, None, :]
-        batch = torch.arange(n)[:, None, None, None]
-        chan = torch.arange(images.shape[1])[None, :, None, None]
+        dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(dev)
+        dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(dev)
+        rows = (dy[:, None] + torch.arange(h, device=dev)[None, :])[:, None, :, None]
+        cols = (dx[:, None] + torch.arange(w, device=dev)[None, :])[:, None, None, :]
+        batch = torch.arange(n, device=dev)[:, None, None, None]
+        chan = torch.arange(images.shape[1], device=dev)[None, :, None, None]
         out = padded[batch, chan, rows, cols]
     if flip:
-        mask = torch.rand(n, generator=generator) < 0.5
+        mask = (torch.rand(n, generator=generator) < 0.5).to(dev)
         out = torch.where(mask[:, None, None, None], out.flip(-1), out)
     return out
 
