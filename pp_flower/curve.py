@@ -34,7 +34,8 @@ from pp_flower.errors import PPFlowerError
 from pp_flower.losses import class_loss, feature_loss, transform_loss
 from pp_flower.metrics import psnr, ssim
 from pp_flower.progress import Bar
-from pp_flower.transform import init_transform_net, make_optimizer, reference_step, set_lr, train_batch, user_seed
+from pp_flower.transform import (init_transform_net, make_optimizer, reference_step, set_lr, steps_per_epoch,
+                                 train_batch, user_seed)
 
 PATH = "in-process reference (pp_flower.transform.reference_step; proven equal to the Flower app's split step)"
 GRID_IMAGES = 8  # validation images whose x̂ is kept at every point, for the image grid
@@ -132,7 +133,7 @@ def run_curve(splits: Splits, classifier: nn.Module, observer: nn.Module | None,
     workdir.mkdir(parents=True, exist_ok=True)
     train_images = splits.train_all.images
     shard = splits.train_ids[user_shards(len(splits.train_ids), 1, "iid", app.seed)[0]]
-    spe = math.ceil(len(shard) / app.batch_size)
+    spe = steps_per_epoch(len(shard), app.batch_size)
     seed = user_seed(app.seed, 0)
     n_eval = min(cfg.eval_images, len(splits.val))
     x_val = to_float(splits.val.images[:n_eval]).to(device)
@@ -183,7 +184,8 @@ def run_curve(splits: Splits, classifier: nn.Module, observer: nn.Module | None,
         state["train-sums"] = [0.0, 0.0, 0]
         if p["val-l-trans"] < state["best-val-l-trans"]:
             state.update({"best-val-l-trans": p["val-l-trans"], "best-step": state["step"]})
-            save_atomic(transform_blob(net, step=state["step"], curve=asdict(cfg)), workdir / "best.pt")
+            save_atomic(transform_blob(net, tuple(train_images.shape[-2:]), step=state["step"], curve=asdict(cfg)),
+                        workdir / "best.pt")
         state["wall-seconds"] += time.time() - started
         save_atomic({"kind": "curve", "config": key, "net": net.state_dict(), "opt": opt.state_dict(),
                      "state": state}, last)
