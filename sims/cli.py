@@ -178,6 +178,8 @@ def attack(
     cfg = AttackConfig(epochs=epochs, batch_size=batch_size, lr=lr, unet_base=unet_base, unet_depth=unet_depth)
     AttackConfig(perceptual=perceptual_weight)  # its range, before any work
     device = resolve_device(device)
+    if run_dir is not None and not run_dir.is_dir():  # before the lock, which would create RUN_DIR/attack
+        raise PPFlowerError(f"Run directory {run_dir} does not exist.")
     lock_out(out or (run_dir / "attack" if run_dir else Path("runs/attack")))  # the default of attack_targets
     attack_targets(transform=transform, run_dir=run_dir, baseline=baseline, key=key, out=out, cfg=cfg, strong=strong,
                    perceptual_weight=perceptual_weight, force=force, data_dir=data_dir, limit_train=limit_train,
