@@ -22,6 +22,7 @@ TINY_FLAGS = {  # per command: flags set to these values (added when absent)
                "--unet-depth": "2", "--batch-size": "64"},
     "simulate": {"--num-supernodes": "2"},
     "deploy-local": {"--users": "2"},
+    "curve": {"--steps": "4", "--eval-every": "2", "--eval-images": "16", "--unet-base": "4", "--batch-size": "16"},
 }
 MODULES = {"ppflower": "sims.cli", "flower-simulation": "sims.flower_simulation"}
 
