@@ -44,8 +44,10 @@ def _main(_version_flag: bool = typer.Option(False, "--version", callback=_versi
 
 def lock_out(path: Path, what: str = "--out") -> None:
     """One run per output directory of a resumable command (held until this process ends; see sims/runlock.py)."""
+    from pp_flower.checkpoints import ensure_writable_dir
     from sims.runlock import lock_dir
 
+    ensure_writable_dir(path, what)  # its one line (names the path and why) before the lock file is tried
     lock_dir(path, what)
 
 
