@@ -87,16 +87,9 @@ def save_budget_curve(curve: dict[str, list[dict]], plain_accuracy: float, path:
     axes[2].axhline(10, color="grey", ls="--", lw=1, label="chance")
     titles = ("ψ's test accuracy on x̂ (%)", "median PSNR to the plain image (dB)",
               "observer's accuracy (%): recognisability")
-    for ax, title in zip(axes, titles):
+    for ax in axes:
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("epochs of h_θ")
-        ax.set_title(title, fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
-    return path
+    return _save_panels(fig, axes, titles, "epochs of h_θ", path)
 
 
 def save_frontier(rows: list[dict], arch: str, observer_accuracy: float, path: str | Path) -> Path:
@@ -171,8 +164,13 @@ def save_learning_curve(curves: dict[str, dict], path: str | Path, paper_accurac
     titles = ("ψ's accuracy on x̂ (%; dashed: plain)", "median protected PSNR (dB)",
               "observer's accuracy on x̂ (%; dashed: plain)", "saturated pixels (%)",
               "mean pairwise RMS of x̂ (dashed: plain)")
+    return _save_panels(fig, axes, titles, "steps of h_θ", path)
+
+
+def _save_panels(fig, axes, titles, xlabel: str, path: Path) -> Path:
+    """Title, x label, grid and legend on each panel, then the figure to ``path``."""
     for ax, title in zip(axes, titles):
-        ax.set_xlabel("steps of h_θ")
+        ax.set_xlabel(xlabel)
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
