@@ -1,0 +1,1 @@
+"""The ``ppflower`` command (ppflower.py): the outermost layer, imported by nothing."""
