@@ -53,19 +53,19 @@ def run_config(args, classifier: str, run_dir: Path) -> dict:
 
 def bench_simulation(args, classifier: str) -> dict:
     from pp_flower.config import AppConfig
-    from sims.flower_simulation import simulate
-    from sims.main import client_app, server_app
+    from runtime.flower_simulation import simulate
+    from sims.main import client_app, server_app, start_trainers
 
     run_dir = Path(tempfile.mkdtemp(prefix="bench-sim-"))
     cfg = AppConfig.from_run_config(run_config(args, classifier, run_dir))
     t0 = time.perf_counter()
-    simulate(server_app, client_app, args.users, cfg.to_run_config(), num_cpus=1.0)
+    simulate(server_app, client_app, args.users, cfg.to_run_config(), num_cpus=1.0, start_trainers=start_trainers)
     return summarise(json.loads((run_dir / "run.json").read_text()), "simulation (flower-simulation)",
                      time.perf_counter() - t0)
 
 
 def bench_deployment(args, classifier: str, mode: str) -> dict:
-    from sims.deploy_local import LocalDeployment
+    from runtime.deploy_local import LocalDeployment
 
     fast = mode != "plain"
     os.environ["PPFLOWER_USER_TRAINER"] = "1" if mode == "trainer" else "0"  # read by ppflower-supernode

@@ -46,7 +46,7 @@ def bench_reference(cfg: AppConfig, classifier_path: str, steps: int) -> float:
     for step in range(steps):
         t0 = time.perf_counter()
         ids, x = train_batch(splits.train_all.images, splits.train_ids, step, steps, cfg.batch_size, 0, cfg.augment)
-        reference_step(net, opt, classifier, phi, x, splits.train_all.labels[ids], cfg.alpha)
+        reference_step(net, opt, classifier, phi, x, splits.train_all.labels[ids], cfg.alpha, wire=cfg.wire)
         if step >= WARMUP:
             seconds += time.perf_counter() - t0
             images += len(ids)
@@ -54,13 +54,13 @@ def bench_reference(cfg: AppConfig, classifier_path: str, steps: int) -> float:
 
 
 def bench_flower(cfg: AppConfig, users: int, steps: int, cores: int) -> dict:
-    from sims.flower_simulation import simulate
-    from sims.main import client_app, server_app
+    from runtime.flower_simulation import simulate
+    from sims.main import client_app, server_app, start_trainers
 
     run_dir = Path(tempfile.mkdtemp(prefix=f"bench{users}-"))
     rc = {**cfg.to_run_config(), "limit-train": users * steps * cfg.batch_size, "limit-eval": 8, "eval-chunk": 8,
           "run-dir": str(run_dir), "num-threads": max(1, cores // users)}
-    simulate(server_app, client_app, users, rc, num_cpus=min(cores, max(cores / users, 0.5)))
+    simulate(server_app, client_app, users, rc, num_cpus=min(cores, max(cores / users, 0.5)), start_trainers=start_trainers)
     run = json.loads((run_dir / "run.json").read_text())
     rounds = [r for r in run["rounds"][WARMUP:] if r["images"]]  # the last round only applies a gradient
     t = run["timing"]

@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("PPFLOWER_QUIET", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
-from sims.deploy_local import descendants  # noqa: E402  (a process and everything below it, from /proc)
+from runtime.deploy_local import descendants  # noqa: E402  (a process and everything below it, via psutil)
 
 
 # ------------------------------------------------------------------------------------------- memory
@@ -94,7 +94,7 @@ def sim_run(args, users: int, width: int, batch: int, steps: int, depth: int = 4
           "step-timeout": 600.0, "keep-graph": args.keep_graph, **(extra or {})}
     text = " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={str(v).lower() if isinstance(v, bool) else v}"
                     for k, v in rc.items())
-    cmd = [sys.executable, "-m", "sims.flower_simulation", "--num-supernodes", str(users),
+    cmd = [sys.executable, "-m", "runtime.flower_simulation", "--num-supernodes", str(users),
            "--num-cpus", f"{cores / users:g}", "--run-config", text]
     if num_gpus:
         cmd += ["--num-gpus", f"{num_gpus:g}"]

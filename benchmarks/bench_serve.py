@@ -204,7 +204,7 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     marker = f"PPFLOWER_BENCH_SERVE_{uuid.uuid4().hex}"
     cores = os.cpu_count()
-    cmd = [sys.executable, "-m", "sims.cli", "serve", "--classifier", str(classifier), "--tokens", str(work / "tokens"),
+    cmd = [sys.executable, "-m", "cli.ppflower", "serve", "--classifier", str(classifier), "--tokens", str(work / "tokens"),
            "--port", str(port), "--replicas", str(args.replicas), "--cpus-per-replica", str(args.cpus_per_replica),
            "--batch-size", str(args.batch_size), "--batch-wait-ms", str(args.batch_wait_ms),
            "--num-cpus", str(max(cores, int(args.cpus_per_replica * args.replicas))),

@@ -1,5 +1,5 @@
-"""``ppflower``: the command line, the outermost layer (it imports the library, the provider and the runners;
-nothing imports it). Each command is a thin call into the modules below."""
+"""``ppflower``: the command line, the outermost layer (it imports the library, the apps, the runtime and the
+experiments; nothing imports it). Each command is a thin call into the modules below."""
 
 from __future__ import annotations
 
@@ -43,9 +43,9 @@ def _main(_version_flag: bool = typer.Option(False, "--version", callback=_versi
 
 
 def lock_out(path: Path, what: str = "--out") -> None:
-    """One run per output directory of a resumable command (held until this process ends; see sims/runlock.py)."""
+    """One run per output directory of a resumable command (held until this process ends; see runtime/runlock.py)."""
     from pp_flower.checkpoints import ensure_writable_dir
-    from sims.runlock import lock_dir
+    from runtime.runlock import lock_dir
 
     ensure_writable_dir(path, what)  # its one line (names the path and why) before the lock file is tried
     lock_dir(path, what)
@@ -169,13 +169,8 @@ def attack(
     device: str = Device,
 ):
     """ITN-Attack: train an inverse network on pairs (h_θ(x), x) and measure how much of x comes back (PSNR, SSIM)."""
-    from pp_flower.evaluation import attack_targets
-
-    if vgg_weights:
-        import os
-
-        os.environ["PPFLOWER_VGG_WEIGHTS"] = str(vgg_weights)
     from pp_flower.attack import AttackConfig
+    from pp_flower.evaluation import attack_targets
 
     cfg = AttackConfig(epochs=epochs, batch_size=batch_size, lr=lr, unet_base=unet_base, unet_depth=unet_depth)
     AttackConfig(perceptual=perceptual_weight)  # its range, before any work
@@ -185,7 +180,7 @@ def attack(
     lock_out(out or (run_dir / "attack" if run_dir else Path("runs/attack")))  # the default of attack_targets
     attack_targets(transform=transform, run_dir=run_dir, baseline=baseline, key=key, out=out, cfg=cfg, strong=strong,
                    perceptual_weight=perceptual_weight, force=force, data_dir=data_dir, limit_train=limit_train,
-                   limit_eval=limit_eval, device=device, log=console.print)
+                   limit_eval=limit_eval, device=device, log=console.print, vgg_weights=vgg_weights)
 
 
 @app.command()
@@ -288,7 +283,7 @@ def demo(
     device: str = Device,
 ):
     """The whole pipeline at CPU scale: ψ → 2 users train h_θ on Flower → ITN-Attack → per-user report."""
-    from sims.demo import run_demo
+    from experiments.demo import run_demo
 
     lock_out(out)
     run_demo(out, data_dir=data_dir, vgg_weights=vgg_weights, device=resolve_device(device), log=console.print)
@@ -310,9 +305,9 @@ def reproduce(
     """Table I and Figs. 5–7: ψ, h_θ per α (through the Flower app), the baselines and the ITN-Attack.
 
     Every stage is resumable: rerun the same command after an interruption and finished stages are skipped."""
-    from sims.reproduce import reproduce as run_reproduce
+    from experiments.reproduce import reproduce as run_reproduce
 
-    from sims.reproduce import PRESETS
+    from experiments.reproduce import PRESETS
 
     if preset in PRESETS:  # (an unknown preset is refused by run_reproduce, before any directory is made)
         lock_out(out or Path("results") / preset)
@@ -341,7 +336,7 @@ def deploy_local_cmd(
     """Flower's Deployment Engine on loopback: SuperLink + N SuperNodes as separate processes, TLS and node
     authentication on, `flwr run` with the run config; results collected, every process stopped at the end."""
     from pp_flower.config import PATH_KEYS, AppConfig, parse_run_config, preflight
-    from sims.deploy_local import deploy_local
+    from runtime.deploy_local import deploy_local
 
     if users < 1:
         raise PPFlowerError(f"--users must be at least 1, got {users}.")
@@ -393,7 +388,7 @@ def curve(
     saturation, collapse. Resumes when rerun; writes curve.json, fig_curve.png and fig_grid.png."""
     from pp_flower.classifier import bf16_autocast_pays
     from pp_flower.curve import CurveConfig
-    from sims import curve as curve_cmd
+    from experiments import curve as curve_cmd
 
     device = resolve_device(device)
     if precision == "auto":
@@ -412,7 +407,7 @@ def curve(
 
 
 def _simulate_command() -> None:
-    from sims.flower_simulation import cli as simulation_cli
+    from runtime.flower_simulation import cli as simulation_cli
 
     app.command("simulate", help="Step (3): users train h_θ with the provider on Flower's simulation engine "
                                  "(same as the `flower-simulation` command).")(simulation_cli)
@@ -422,8 +417,8 @@ _simulate_command()
 
 
 def main() -> None:
-    from sims import signals
-    from sims.flower_patches import plain_logs_when_piped
+    from runtime import signals
+    from runtime.flower_patches import plain_logs_when_piped
 
     signals.install()  # SIGTERM and SIGHUP interrupt every command as Ctrl-C does (child processes included)
     try:

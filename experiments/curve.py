@@ -11,8 +11,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from experiments.reproduce import PAPER_ACCURACY, git_commit, machine, portable
 from pp_flower.errors import PPFlowerError
-from sims.reproduce import PAPER_ACCURACY, _git_commit, _machine, portable
 
 PAPER_PSNR = (5.4, 6.0)  # the paper's protected PSNR (Fig. 7) across its α: saturated, negative-like images
 GRID_POINTS = 6
@@ -47,8 +47,8 @@ def run(classifier: Path, observer: Path | None, cfg, steps: int, out: Path, wor
     splits = load_splits(data_dir)
     check_image_size(tuple(splits.train.images.shape[-2:]), cfg.unet_depth, "The images (for h_θ, --unet-depth)")
     phi = load_feature_net(vgg_weights)
-    provenance = {"command": portable(shlex.join(["ppflower", *sys.argv[1:]])), "commit": _git_commit(),
-                  "machine": _machine(), "classifier": _classifier_record(classifier),
+    provenance = {"command": portable(shlex.join(["ppflower", *sys.argv[1:]])), "commit": git_commit(),
+                  "machine": machine(), "classifier": _classifier_record(classifier),
                   "observer": _classifier_record(observer) if observer else None}
     curve = run_curve(splits, psi, obs, phi, cfg, steps, out, workdir, device, provenance, log, max_seconds)
     draw(out, workdir, splits)

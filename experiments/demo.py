@@ -1,4 +1,5 @@
-"""``ppflower demo``: the whole pipeline at CPU scale, resumable stage by stage.
+"""``ppflower demo``: the whole pipeline at CPU scale, resumable stage by stage (``ppflower reproduce``'s
+stage runner, experiments.reproduce.StageRunner).
 
 1. the provider trains ψ (ResNet-20) briefly;
 2. two users train h_θ through the Flower app (simulation engine) — split learning with ψ kept by the provider;
@@ -11,12 +12,12 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from pathlib import Path
 
 from rich.table import Table
 
-from pp_flower.config import AppConfig
-from pp_flower.errors import PPFlowerError
+from pp_flower.config import AppConfig, format_run_config
 
 # The budget, chosen by in-process trials on the 2-core box (BENCHMARKS.md, "Demo budget"): ψ 8 epochs on 10,000
 # images reaches 52 %; h_θ (width 8, 640 steps per user) at α = 0.003 kept 48–50 % at 12–13 dB, where α = 0.005
@@ -28,43 +29,42 @@ SIMULATION = {"alpha": 0.003, "epochs": 10, "batch-size": 32, "lr": 0.01, "unet-
 ATTACK = dict(epochs=2, batch_size=64, unet_base=8, unet_arch="ours", limit_train=2048, limit_eval=1000)
 
 
-def _check_demo_key(out: Path, data_dir) -> None:
-    """A rerun skips finished stages only when they were computed on the same images with the same budget
-    (``OUT/demo-key.json``); anything else is refused naming what changed (a demo dir from before it: reused)."""
-    from pp_flower.checkpoints import describe_changes, key_changes
+def _data_fingerprint(data_dir) -> str:
+    """The demo's images (their pixels: pp_flower.data.dataset_fingerprint)."""
     from pp_flower.data import dataset_fingerprint, load_datasets
 
     train, test = load_datasets(data_dir)
-    key = {"classifier": CLASSIFIER, "simulation": SIMULATION, "attack": ATTACK,
-           "data": dataset_fingerprint(train.images, test.images)}
-    path = out / "demo-key.json"
-    if path.exists():
-        old = json.loads(path.read_text())
-        changed, _ = key_changes(old, key)
-        if changed:
-            raise PPFlowerError(f"{out} holds a demo run with another budget or data ({describe_changes(old, key, changed)}"
-                                "); use another --out, or delete it to start afresh.")
-    path.write_text(json.dumps(key, indent=2))
+    return dataset_fingerprint(train.images, test.images)
 
 
 def run_demo(out: Path, data_dir=None, vgg_weights=None, device: str = "cpu", log=print) -> dict:
-    from pp_flower.classifier import ClassifierConfig, train_classifier
-    from pp_flower.data import load_splits
-    from pp_flower.config import preflight
-
+    """Run (or resume) the demo's stages through ``ppflower reproduce``'s stage runner: a finished stage is
+    skipped when it was computed on the same images with the same budget, and refused naming what changed
+    otherwise (``OUT/*/stage-key.json``; a stage from before those keys is reused)."""
     from pp_flower.checkpoints import ensure_writable_dir
+    from pp_flower.classifier import ClassifierConfig, train_classifier
+    from pp_flower.config import preflight
+    from pp_flower.data import load_splits
+
+    from experiments.reproduce import StageRunner
 
     out = ensure_writable_dir(out, "--out")
-    _check_demo_key(out, data_dir)
+    runner = StageRunner(out, lambda: _data_fingerprint(data_dir), log,
+                         elsewhere="use another --out for this demo (its budget or data changed)")
     clf_dir = out / "classifier"
     log(f"[bold]1/4[/] provider trains ψ (ResNet-20, {CLASSIFIER['epochs']} epochs on {CLASSIFIER['limit_train']} images)")
-    if (clf_dir / "metrics.json").exists():
-        clf_metrics = json.loads((clf_dir / "metrics.json").read_text())
-        log(f"    already done: {clf_dir / 'metrics.json'}")
-    else:
+
+    def train_psi() -> None:
         splits = load_splits(data_dir, limit_train=CLASSIFIER["limit_train"], limit_eval=CLASSIFIER["limit_eval"])
         cfg = ClassifierConfig(arch="resnet20", epochs=CLASSIFIER["epochs"], batch_size=CLASSIFIER["batch_size"])
-        clf_metrics = train_classifier(splits, clf_dir, cfg, device=device, log=log)
+        train_classifier(splits, clf_dir, cfg, device=device, log=log)
+
+    runner.stage("classifier", clf_dir / "metrics.json", train_psi,
+                 f"ppflower train-classifier --model resnet20 --epochs {CLASSIFIER['epochs']} --batch-size "
+                 f"{CLASSIFIER['batch_size']} --limit-train {CLASSIFIER['limit_train']} --limit-eval "
+                 f"{CLASSIFIER['limit_eval']} --out {clf_dir}",
+                 dict(CLASSIFIER))
+    clf_metrics = json.loads((clf_dir / "metrics.json").read_text())
 
     sim_dir = out / "simulation"
     run_config = {**SIMULATION, "classifier": str(clf_dir / "best.pt"), "run-dir": str(sim_dir),
@@ -72,14 +72,18 @@ def run_demo(out: Path, data_dir=None, vgg_weights=None, device: str = "cpu", lo
                   "provider-device": device, "num-threads": max(1, (os.cpu_count() or 2) // 2)}
     cfg = AppConfig.from_run_config(run_config)
     log(f"[bold]2/4[/] 2 users train h_θ (U-Net width {cfg.unet_base}, α={cfg.alpha}) through the Flower app")
-    if (sim_dir / "run.json").exists():
-        log(f"    already done: {sim_dir / 'run.json'}")
-    else:
-        from sims.flower_simulation import simulate
-        from sims.main import client_app, server_app
+
+    def train_users() -> None:
+        from runtime.flower_simulation import simulate
+        from sims.main import client_app, server_app, start_trainers
 
         preflight(cfg)
-        simulate(server_app, client_app, 2, cfg.to_run_config(), num_cpus=1.0)
+        simulate(server_app, client_app, 2, cfg.to_run_config(), num_cpus=1.0, start_trainers=start_trainers)
+
+    runner.stage("simulation", sim_dir / "run.json", train_users,
+                 "flower-simulation --app sims.main --num-supernodes 2 --run-config "
+                 + shlex.quote(format_run_config(cfg.to_run_config())),
+                 {"classifier": CLASSIFIER, "simulation": SIMULATION})
     run = json.loads((sim_dir / "run.json").read_text())
 
     log("[bold]3/4[/] ITN-Attack on each user's h_θ (inverse U-Net trained on (h_θ(x), x) pairs)")
@@ -89,7 +93,8 @@ def run_demo(out: Path, data_dir=None, vgg_weights=None, device: str = "cpu", lo
     acfg = AttackConfig(epochs=ATTACK["epochs"], batch_size=ATTACK["batch_size"], unet_base=ATTACK["unet_base"],
                         unet_arch=ATTACK["unet_arch"])
     attacks = attack_targets(run_dir=sim_dir, out=out / "attack", cfg=acfg, data_dir=data_dir,
-                             limit_train=ATTACK["limit_train"], limit_eval=ATTACK["limit_eval"], device=device, log=log)
+                             limit_train=ATTACK["limit_train"], limit_eval=ATTACK["limit_eval"], device=device, log=log,
+                             vgg_weights=vgg_weights)
 
     log("[bold]4/4[/] report")
     table = Table(title=f"pp-flower demo (CPU scale, {clf_metrics['n-test']} test images)")

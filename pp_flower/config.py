@@ -44,6 +44,12 @@ class AppConfig:
     provider_microbatch: int = -1   # images per ψ pass: -1 = auto (128 on CPU, all at once on GPU), 0 = all
     aggregate: str = "none"         # none | fedavg (average all users' h_θ every aggregate_every steps)
     aggregate_every: int = 50
+    grad_noise: float = 0.0         # defence: Gaussian noise on each returned ∂L_class/∂x̂, std = this × ‖g‖/√d
+    #                                 per image (d = its pixels×channels): 1.0 gives noise as large as the gradient
+    # --- the wire ---
+    wire: str = "uint8"             # uint8: x̂ travels as the 8-bit image round(255·x̂) (the paper's images);
+    #                                 float32: x̂ itself, strictly more than an image (docs/threat-model.md)
+    probe_images: int = 2000        # users keep the gradients of this many own images to measure label leakage
     # --- run mechanics ---
     run_dir: str = "runs/sim"
     step_timeout: float = 120.0     # seconds a user may take for one message before it is dropped for that step
@@ -91,7 +97,8 @@ class AppConfig:
               ("feature_layer", 1, 16), ("seed", 0, None), ("limit_train", 0, None), ("limit_eval", 0, None),
               ("eval_chunk", 1, None), ("provider_microbatch", -1, None), ("aggregate_every", 1, None),
               ("step_timeout", 0.001, None), ("max_failures", 1, None), ("min_users", 0, None),
-              ("wait_for_users", 0.0, None), ("checkpoint_every", 0, None), ("num_threads", 0, None))
+              ("wait_for_users", 0.0, None), ("checkpoint_every", 0, None), ("num_threads", 0, None),
+              ("grad_noise", 0.0, None), ("probe_images", 0, None))
 
     def check(self) -> None:
         """Every key's range in one place; an error names the key and what it may be."""
@@ -111,6 +118,8 @@ class AppConfig:
         self.kept_epochs()
         if self.unet_arch not in ("paper", "ours"):
             raise PPFlowerError(f"unet-arch must be 'paper' or 'ours', got '{self.unet_arch}'.")
+        if self.wire not in ("uint8", "float32"):
+            raise PPFlowerError(f"wire must be 'uint8' or 'float32', got '{self.wire}'.")
         if self.keep_graph not in ("auto", "keep", "recompute"):
             raise PPFlowerError(f"keep-graph must be 'auto', 'keep' or 'recompute', got '{self.keep_graph}'.")
 

@@ -207,7 +207,8 @@ def run_curve(splits: Splits, classifier: nn.Module, observer: nn.Module | None,
             set_lr(opt, step // spe, app.epochs, app.lr)
             with autocast:
                 l_class, l_feat = reference_step(net, opt, classifier, feature_net, x.to(device),
-                                                 splits.train_all.labels[ids].to(device), app.alpha)
+                                                 splits.train_all.labels[ids].to(device), app.alpha,
+                                                 wire=app.wire)
             if not (math.isfinite(l_class) and math.isfinite(l_feat)):
                 raise PPFlowerError(f"h_θ diverged at step {step + 1} (L_class {l_class}, L_feat {l_feat}); the "
                                     f"last resume point ({last}) is kept.")

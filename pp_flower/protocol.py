@@ -3,7 +3,8 @@
 See docs/protocol.md for the full description. Privacy invariants (enforced by construction here and
 checked on real message contents in tests/test_flower_app.py::test_privacy_audit_on_every_message):
 
-* user → provider messages carry only protected images x̂ = h_θ(x), sample ids, step counters, scalar
+* user → provider messages carry only protected images x̂ = h_θ(x) (as 8-bit images under the default
+  ``wire=uint8``), sample ids, step counters, scalar
   losses and (with ``aggregate=fedavg``) h_θ's public weights — never a plain image and never a label;
 * provider → user messages carry only ∂L_class/∂x̂, per-sample losses / right-or-wrong flags of the user's own
   protected images, configuration, sample ids and (fedavg) averaged h_θ weights — never a ψ parameter.
@@ -31,11 +32,11 @@ CONFIG = "config"          # ConfigRecord
 IDS = "ids"                # ArrayRecord of int64 sample ids
 CONTROL = "control"        # ConfigRecord: step counters, phase, refusals
 GRAD = "grad"              # ArrayRecord {"grad": float32 (n, C, H, W)}
-PROTECTED = "protected"    # ArrayRecord {"xhat": float32 (n, C, H, W), "ids": int64 (n,)}
+PROTECTED = "protected"    # ArrayRecord {"xhat": uint8 q = round(255·x̂) or float32 x̂ (n, C, H, W), "ids": int64 (n,)}
 RESULT = "result"          # ArrayRecord {"ce": float32 (n,)} (validation) or {"correct": uint8 0/1 (n,)} (test)
 METRICS = "metrics"        # MetricRecord
 WEIGHTS = "transform_net"  # ArrayRecord: h_θ state dict (fedavg only — h_θ is public by design)
-NONE = -1
+NO_INDEX = -1              # "no step / batch / chunk" in a control record (control records hold integers)
 
 
 def tensor_array(t: "torch.Tensor | np.ndarray") -> Array:
@@ -93,10 +94,12 @@ class Submission:
 
 
 def validate_submission(msg: Message, allowed_ids: torch.Tensor, image_shape: tuple[int, ...],
-                        max_batch: int) -> Submission | None:
+                        max_batch: int, wire: str = "uint8") -> Submission | None:
     """Check a user's reply before any of it reaches ψ; raise :class:`ProtocolError` with the reason.
 
-    Returns None when the reply carries no images (a user that only applied a gradient).
+    ``wire`` is the run's (pp_flower.wire): x̂ must arrive as uint8 (an 8-bit image) or as float32 in [0, 1].
+    The returned ``xhat`` is what ψ is fed: float32 q/255 or x̂. Returns None when the reply carries no images
+    (a user that only applied a gradient).
     """
     import torch
 
@@ -110,15 +113,15 @@ def validate_submission(msg: Message, allowed_ids: torch.Tensor, image_shape: tu
     except (KeyError, TypeError, ValueError) as exc:
         raise ProtocolError(f"control record malformed: {exc}") from exc
     if PROTECTED not in content.array_records:
-        if batch != NONE:
+        if batch != NO_INDEX:
             raise ProtocolError(f"reply announces batch {batch} but carries no protected images")
         return None
     record = content.array_records[PROTECTED]
     if set(record.keys()) != {"xhat", "ids"}:
         raise ProtocolError(f"protected record must hold exactly 'xhat' and 'ids', got {sorted(record.keys())}")
     xa, ia = record["xhat"], record["ids"]
-    if xa.dtype != "float32":
-        raise ProtocolError(f"xhat must be float32, got {xa.dtype}")
+    if xa.dtype != wire:  # the run's wire; a float32 x̂ on a uint8 run would hand the provider more than agreed
+        raise ProtocolError(f"xhat must be {wire} (wire={wire}), got {xa.dtype}")
     if ia.dtype != "int64":
         raise ProtocolError(f"ids must be int64, got {ia.dtype}")
     n = ia.shape[0] if len(ia.shape) == 1 else -1
@@ -126,7 +129,9 @@ def validate_submission(msg: Message, allowed_ids: torch.Tensor, image_shape: tu
         raise ProtocolError(f"ids must be a vector of 1..{max_batch} sample ids, got shape {ia.shape}")
     if tuple(xa.shape) != (n, *image_shape):
         raise ProtocolError(f"xhat must have shape {(n, *image_shape)}, got {tuple(xa.shape)}")
-    xhat, ids = array_tensor(xa), array_tensor(ia)
+    from pp_flower.wire import decode
+
+    xhat, ids = decode(array_tensor(xa)), array_tensor(ia)  # uint8 is in range by its type
     if not torch.isfinite(xhat).all():
         raise ProtocolError("xhat contains NaN or Inf")
     if xhat.min() < 0.0 or xhat.max() > 1.0:

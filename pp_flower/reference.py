@@ -32,5 +32,5 @@ def train_in_process(cfg: AppConfig, classifier: nn.Module, feature_net: nn.Modu
                              cfg.augment)
         set_lr(opt, step // spe, cfg.epochs, cfg.lr)
         losses.append(reference_step(net, opt, classifier, feature_net, x.to(device), train_labels[ids].to(device),
-                                     cfg.alpha))
+                                     cfg.alpha, wire=cfg.wire))
     return net, losses

@@ -167,6 +167,33 @@ def save_learning_curve(curves: dict[str, dict], path: str | Path, paper_accurac
     return _save_panels(fig, axes, titles, "steps of h_θ", path)
 
 
+def save_defence(points: list[dict], plain_accuracy: float, path: str | Path) -> Path:
+    """The grad-noise defence and its price: ψ's test accuracy on x̂ (plain ψ dashed) and the label inference of an
+    honest-but-curious user (Li et al. 2022; chance dotted), against the noise level (σ = level·‖g‖/√d per image).
+
+    ``points``: one dict per level with ``grad-noise``, ``test-accuracy`` and ``label-leakage`` (a user's
+    pp_flower.label_leakage report)."""
+    path = Path(path)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    levels = [p["grad-noise"] for p in points]
+    xs = list(range(len(levels)))  # levels span orders of magnitude and include 0: evenly spaced, labelled
+    axes[0].plot(xs, [100 * p["test-accuracy"] for p in points], "o-", color="C0", label="ψ on x̂")
+    axes[0].axhline(100 * plain_accuracy, ls="--", color="grey", label="ψ on plain images")
+    for key, marker, name in (("known-10-accuracy", "o-", "10 known labels per class (centroids)"),
+                              ("direction-accuracy", "s--", "no known label (clusters, best matching)")):
+        axes[1].plot(xs, [100 * (p["label-leakage"] or {}).get(key, float("nan")) if (p["label-leakage"] or {}).get(key)
+                          is not None else float("nan") for p in points], marker, label=name)
+    chance = next((p["label-leakage"]["chance"] for p in points if p.get("label-leakage")), None)
+    if chance is not None:
+        axes[1].axhline(100 * chance, ls=":", color="grey", label="chance")
+    for ax in axes:
+        ax.set_xticks(xs, [f"{v:g}" for v in levels])
+        ax.set_ylabel("%")
+    return _save_panels(fig, axes, ["utility: ψ's test accuracy on x̂ (%)",
+                                    "leakage: labels a user infers from ∂L_class/∂x̂ (%)"],
+                        "grad-noise (noise norm ÷ gradient norm)", path)
+
+
 def _save_panels(fig, axes, titles, xlabel: str, path: Path) -> Path:
     """Title, x label, grid and legend on each panel, then the figure to ``path``."""
     for ax, title in zip(axes, titles):

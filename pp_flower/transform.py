@@ -11,6 +11,8 @@ per step exactly as in the in-process loss.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -18,6 +20,7 @@ from torch.nn import functional as F
 from pp_flower.data import augment, to_float
 from pp_flower.losses import class_loss, feature_loss, lr_at, transform_loss
 from pp_flower.seeds import derive_seed, generator
+from pp_flower.wire import straight_through
 
 
 def user_seed(seed: int, user_index: int) -> int:
@@ -68,28 +71,45 @@ def train_batch(images: torch.Tensor, shard_ids: torch.Tensor, step: int, steps_
     return ids, to_float(batch)
 
 
-def produce(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """x̂ = h_θ(x) in training mode (BatchNorm running statistics are updated here, once per step)."""
+def user_forward(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """User side, before the wire: x̂ = h_θ(x) in training mode, no graph (BatchNorm's running statistics are
+    updated here, once per step). x: (n, C, H, W) in [0, 1] → x̂: (n, C, H, W) in [0, 1]."""
     net.train()
     with torch.no_grad():
         return net(x)
 
 
-def produce_with_graph(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """x̂ = h_θ(x) in training mode, its autograd graph kept until the provider's gradient arrives (live users)."""
+def user_forward_with_graph(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """User side, before the wire: x̂ = h_θ(x) in training mode, its autograd graph kept until the provider's
+    ∂L_class/∂x̂ comes back (a live user)."""
     net.train()
     with torch.enable_grad():
         return net(x)
 
 
+@contextmanager
+def frozen_batchnorm_statistics(net: nn.Module):
+    """Run a forward pass of ``net`` that must not count: BatchNorm's running statistics are restored after it.
+
+    A step's forward pass updates them once; a recomputed or repeated forward pass of the same step must not
+    update them again (the in-process loss updates them once per step)."""
+    saved = {name: buf.clone() for name, buf in net.named_buffers()}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, buf in net.named_buffers():
+                buf.copy_(saved[name])
+
+
 def _backward(opt: torch.optim.Optimizer, feature_net: nn.Module, x: torch.Tensor, xhat: torch.Tensor,
-              grad_class: torch.Tensor, alpha: float) -> float:
+              grad_cut: torch.Tensor, alpha: float) -> float:
     """θ's gradient of Eq. (6): ∂L_trans/∂θ = (∂x̂/∂θ)ᵀ (∂L_class/∂x̂ − α ∂L_feat/∂x̂); returns L_feat."""
     with torch.no_grad():
         target = feature_net(x)
     l_feat = feature_loss(feature_net(xhat), target)
     opt.zero_grad(set_to_none=True)
-    torch.autograd.backward([xhat, -alpha * l_feat], [grad_class.to(xhat.device, xhat.dtype), None])
+    torch.autograd.backward([xhat, -alpha * l_feat], [grad_cut.to(xhat.device, xhat.dtype), None])
     return l_feat.item()
 
 
@@ -108,35 +128,35 @@ def feature_gradient(feature_net: nn.Module, x: torch.Tensor, xhat: torch.Tensor
     return g, l_feat.item()
 
 
-def class_gradient_step(opt: torch.optim.Optimizer, xhat: torch.Tensor, grad_class: torch.Tensor,
-                        grad_feature: torch.Tensor) -> None:
-    """One SGD step of h_θ through the kept graph of x̂ = h_θ(x), from the full ∂L_trans/∂x̂ (Eq. 6)."""
+def user_backward_kept(opt: torch.optim.Optimizer, xhat: torch.Tensor, grad_cut: torch.Tensor,
+                       grad_feature: torch.Tensor) -> None:
+    """User side, after the wire: one SGD step of h_θ through the kept graph of x̂ = h_θ(x), from the full
+    ∂L_trans/∂x̂ = ∂L_class/∂x̂ (the provider's, applied to x̂ unchanged) + ∂(−α·L_feat)/∂x̂ (Eq. 6)."""
     opt.zero_grad(set_to_none=True)
-    xhat.backward(grad_class.to(xhat.device, xhat.dtype) + grad_feature)
+    xhat.backward(grad_cut.to(xhat.device, xhat.dtype) + grad_feature)
     opt.step()
 
 
-def apply_class_gradient(net: nn.Module, opt: torch.optim.Optimizer, feature_net: nn.Module, x: torch.Tensor,
-                         grad_class: torch.Tensor, alpha: float) -> float:
-    """One SGD step of h_θ after recomputing the forward pass that produced the x̂ the provider saw (Eq. 6).
+def user_backward_recomputed(net: nn.Module, opt: torch.optim.Optimizer, feature_net: nn.Module, x: torch.Tensor,
+                             grad_cut: torch.Tensor, alpha: float) -> float:
+    """User side, after the wire: one SGD step of h_θ after recomputing the forward pass that produced the x̂ the
+    provider saw (Eq. 6); returns L_feat.
 
     For a user whose graph did not survive (a message-per-process runtime, or too little memory to keep it):
     the recomputation is bit-identical, and BatchNorm's running statistics are restored once backward no longer
     needs them, so they are updated once per step, as in the in-process loss.
     """
-    saved = {name: buf.clone() for name, buf in net.named_buffers()}
-    xhat = produce_with_graph(net, x)
-    l_feat = _backward(opt, feature_net, x, xhat, grad_class, alpha)
-    with torch.no_grad():
-        for name, buf in net.named_buffers():
-            buf.copy_(saved[name])
+    with frozen_batchnorm_statistics(net):
+        xhat = user_forward_with_graph(net, x)
+        l_feat = _backward(opt, feature_net, x, xhat, grad_cut, alpha)
     opt.step()
     return l_feat
 
 
-def class_gradients(classifier: nn.Module, batches: list[torch.Tensor], labels: list[torch.Tensor],
-                    microbatch: int = 0) -> tuple[list[torch.Tensor], list[float]]:
-    """The provider's side: ψ over all users' x̂ together; returns each user's ∂L_class/∂x̂ and L_class.
+def provider_cut_gradients(classifier: nn.Module, batches: list[torch.Tensor], labels: list[torch.Tensor],
+                           microbatch: int = 0) -> tuple[list[torch.Tensor], list[float]]:
+    """Provider side: ψ over all users' x̂ (as received: q/255 under the uint8 wire) together; returns each
+    user's ∂L_class/∂x̂ (float32, the shape of its batch) and its L_class (mean cross-entropy, nats).
 
     ψ is in eval mode (no coupling between samples) and the objective is Σ_u mean-CE_u, i.e. per-sample
     cross-entropies weighted by 1/n_u, so the gradient on user u's images is exactly the gradient of u's own
@@ -165,12 +185,16 @@ def class_gradients(classifier: nn.Module, batches: list[torch.Tensor], labels: 
 
 
 def reference_step(net: nn.Module, opt: torch.optim.Optimizer, classifier: nn.Module, feature_net: nn.Module,
-                   x: torch.Tensor, y: torch.Tensor, alpha: float) -> tuple[float, float]:
-    """One in-process step of Eq. (6), computing L_trans directly — what the split protocol must equal."""
+                   x: torch.Tensor, y: torch.Tensor, alpha: float, *, wire: str) -> tuple[float, float]:
+    """One in-process step of Eq. (6), computing L_trans directly — what the split protocol must equal.
+
+    ψ sees x̂ as the provider would receive it under ``wire`` (pp_flower.wire: q/255 for uint8, with the
+    straight-through gradient the user applies); L_feat is the user's and uses x̂ itself. Returns (L_class, L_feat).
+    """
     net.train()
     classifier.eval()
     xhat = net(x)
-    l_class = class_loss(classifier(xhat), y)
+    l_class = class_loss(classifier(straight_through(xhat, wire)), y)
     with torch.no_grad():
         target = feature_net(x)
     l_feat = feature_loss(feature_net(xhat), target)

@@ -3,7 +3,7 @@
 A ``UserTrainer`` hosts any number of users (one process per GPU or per group of cores, not one per user:
 a process that imports torch costs ~300 MB). The per-message ClientApp (``sims.main``) only relays each
 message to its user's trainer — a Ray actor in simulation, a process beside the SuperNode in deployment
-(``sims.supernode``), or this very process — so a step costs the step's compute plus two small messages,
+(``runtime.supernode``), or this very process — so a step costs the step's compute plus two small messages,
 whatever h_θ's size (BENCHMARKS.md). Inputs and outputs are plain dicts of numpy arrays: they cross a Ray
 call or an authenticated Unix socket (``pp_flower.channel``) without Flower's records.
 
@@ -20,20 +20,23 @@ import logging
 import time
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pp_flower import protocol as P
+from pp_flower import protocol
 from pp_flower.checkpoints import key_changes, load_checkpoint, save_atomic, transform_blob
 from pp_flower.config import AppConfig
 from pp_flower.data import load_datasets, to_float
 from pp_flower.errors import PPFlowerError
 from pp_flower.features import load_feature_net
 from pp_flower.models import UNet, unet_from_state_dict
-from pp_flower.transform import (apply_class_gradient, class_gradient_step, feature_gradient, init_transform_net,
-                                 make_optimizer, produce, produce_with_graph, set_lr, train_batch, user_seed)
+from pp_flower.transform import (feature_gradient, frozen_batchnorm_statistics, init_transform_net, make_optimizer,
+                                 set_lr, train_batch, user_backward_kept, user_backward_recomputed, user_forward,
+                                 user_forward_with_graph, user_seed)
+from pp_flower.wire import encode, provider_view
 
 log = logging.getLogger("pp_flower.user")
 
@@ -45,11 +48,42 @@ OVERLAP = os.environ.get("PPFLOWER_FEATURE_OVERLAP", "1") != "0"
 USER_KEYS = ("user-index", "steps-per-epoch", "out-dir")
 
 
+@dataclass
+class Progress:
+    """A user's counters and curves: what a resume point keeps besides θ and momentum (hyphenated keys on disk)."""
+
+    step: int = 0                     # SGD steps applied
+    pending: bool = False             # batch ``step`` was sent and its gradient has not been applied yet
+    best_val: float = float("inf")    # lowest validation L_trans so far
+    best_epoch: int = -1
+    val_curve: list[float] = field(default_factory=list)
+    feature_losses: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {k.replace("_", "-"): (list(v) if isinstance(v, list) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Progress":
+        return cls(step=int(d["step"]), pending=bool(d.get("pending", False)), best_val=float(d["best-val"]),
+                   best_epoch=int(d["best-epoch"]), val_curve=[float(v) for v in d.get("val-curve", [])],
+                   feature_losses=[float(v) for v in d.get("feature-losses", [])])
+
+
+@dataclass
+class KeptBatch:
+    """The batch a live user sent and awaits the gradient of: x̂ with its autograd graph, and the feature term."""
+
+    step: int
+    ids: torch.Tensor                 # int64 (n,): its sample ids
+    xhat: torch.Tensor                # (n, C, H, W) = h_θ(x), graph attached
+    feature: Future                   # of (∂(−α·L_feat)/∂x̂, L_feat), computed while the provider runs ψ
+
+
 class NotSetUp(PPFlowerError):
     """The trainer holds no live state for this user (new trainer, or it restarted): a resume setup is due."""
 
     def __init__(self, what: str):
-        super().__init__(f"{P.NOT_SET_UP} ({what})")
+        super().__init__(f"{protocol.NOT_SET_UP} ({what})")
 
 
 def _tensor(a) -> torch.Tensor:
@@ -99,14 +133,18 @@ class LiveUser:
         self.net: UNet = init_transform_net(self.cfg.unet_base, self.cfg.unet_depth, self.cfg.seed,
                                             self.index, self.cfg.unet_arch).to(self.device)
         self.opt = make_optimizer(self.net, self.cfg.lr, self.cfg.momentum, self.cfg.weight_decay)
-        self.progress: dict = {"step": 0, "pending": False, "best-val": float("inf"), "best-epoch": -1,
-                               "val-curve": [], "feature-losses": []}
+        self.progress = Progress()
         self.best: dict[str, torch.Tensor] | None = None   # h_θ with the lowest validation L_trans (test uses it)
         self.acc: dict[str, torch.Tensor] = {}              # evaluation results gathered chunk by chunk
-        self.graph: tuple | None = None  # (step, x̂ with its graph, future of the feature-loss gradient at x̂)
+        self.kept: KeptBatch | None = None  # the sent batch whose gradient is awaited, its graph kept
         self.keep_graph = {"keep": True, "recompute": False}.get(self.cfg.keep_graph)  # None: decide (auto)
         self._data = self._phi = self._data_key = None
         self.hosted = 1  # users sharing this user's trainer (its memory budget for kept graphs)
+        self.probe = None  # the gradients received, kept to measure label leakage (pp_flower.label_leakage)
+        if self.cfg.probe_images:
+            from pp_flower.label_leakage import LabelProbe
+
+            self.probe = LabelProbe(self.cfg.probe_images)
         self._resume_key = self._make_resume_key()  # fixed for the user's life; snapshots run on hot paths
 
     @property
@@ -156,12 +194,12 @@ class LiveUser:
                     if "momentum_buffer" in self.opt.state.get(p, {})}
         return {"kind": "user_state", "user-index": self.index, "unet-base": self.cfg.unet_base,
                 "alpha": self.cfg.alpha, "config": self.resume_key(), "state_dict": {k: v.cpu() for k, v in self.net.state_dict().items()},
-                "momentum": momentum, "progress": {**self.progress, "pending": False}}
+                "momentum": momentum, "progress": {**self.progress.to_dict(), "pending": False}}
 
     # run-config keys that change how a run ends, not what h_θ becomes: a resume point ignores them
     MECHANICS = ("run-dir", "step-timeout", "max-failures", "min-users", "wait-for-users", "num-threads",
                  "user-device", "provider-device", "provider-microbatch", "keep-graph", "eval-chunk", "checkpoint-every",
-                 "keep-epochs")
+                 "keep-epochs", "probe-images")
 
     def resume_key(self) -> dict:
         """What a resume point must match to continue this user: its config, its batches and its images."""
@@ -192,8 +230,8 @@ class LiveUser:
         for name, p in self.net.named_parameters():
             if name in blob["momentum"]:
                 self.opt.state[p]["momentum_buffer"] = blob["momentum"][name].to(self.device).clone()
-        self.progress = dict(blob["progress"])
-        self.graph = None
+        self.progress = Progress.from_dict(blob["progress"])
+        self.kept = None
 
     def save_resume_point(self) -> None:
         blob = self.snapshot()  # on disk, the key also holds the images' fingerprint (a later run may use others)
@@ -214,22 +252,88 @@ class LiveUser:
         self.restore(blob)
         if (self.out_dir / "best.pt").exists():
             self.best = load_checkpoint(self.out_dir / "best.pt", "transform_net")["state_dict"]
-        log.info("user %d: resumed from %s at step %d", self.index, path, int(self.progress["step"]))
+        log.info("user %d: resumed from %s at step %d", self.index, path, self.progress.step)
 
-    # --- training --------------------------------------------------------------------------------------
-    def _produce(self, step: int, x: torch.Tensor) -> torch.Tensor:
+    # --- training: one message = apply the gradient of the batch sent last, then send the batch wanted next ---
+    def step(self, control: dict, grad: np.ndarray | None, weights: dict | None) -> dict:
+        """One ``train.step`` message (docs/protocol.md): ``control`` holds grad-step, want and optionally
+        refused-step/reason and send-weights; ``grad`` is ∂L_class/∂x̂ (n, C, H, W) of batch grad-step; ``weights``
+        the FedAvg'd public h_θ. Returns the reply: the step reached, x̂ of the wanted batch on the run's wire."""
+        started = time.perf_counter()
+        self._take_gradient(int(control["grad-step"]), grad)
+        self._skip_refused(int(control.get("refused-step", protocol.NO_INDEX)), str(control.get("reason", "")))
+        if weights is not None:  # fedavg: adopt the averaged public h_θ
+            self.net.load_state_dict({k: _tensor(v) for k, v in weights.items()})
+            self.kept = None
+        reply: dict = {"control": {"step": self.progress.step, "batch": protocol.NO_INDEX}}
+        want = int(control["want"])
+        if want != protocol.NO_INDEX and want == self.progress.step:
+            ids, xhat = self._send_batch(want)
+            reply["control"]["batch"] = want
+            reply["protected"] = {"xhat": _numpy(encode(xhat, self.cfg.wire)), "ids": _numpy(ids)}
+        if int(control.get("send-weights", 0)):
+            reply["weights"] = {k: _numpy(v) for k, v in self.net.state_dict().items()}
+        reply["metrics"] = {"compute-seconds": time.perf_counter() - started}
+        return reply
+
+    def _take_gradient(self, grad_step: int, grad: np.ndarray | None) -> None:
+        """Phase 1: apply ∂L_class/∂x̂ of the pending batch (one SGD step of h_θ, Eq. 6); a stale one is ignored."""
+        if grad_step == protocol.NO_INDEX:
+            return
+        step = self.progress.step
+        if grad_step != step or not self.progress.pending or grad is None:
+            log.warning("user %d: ignoring stale gradient for step %d (at step %d)", self.index, grad_step, step)
+            return
+        set_lr(self.opt, step // self.steps_per_epoch, self.cfg.epochs, self.cfg.lr)
+        grad_cut = _tensor(grad).to(self.device)
+        kept, self.kept = self.kept, None
+        if kept is not None and kept.step == step:
+            grad_feature, l_feat = kept.feature.result()
+            user_backward_kept(self.opt, kept.xhat, grad_cut, grad_feature)
+            ids = kept.ids
+        else:  # the graph was not kept: recompute the forward pass (bit-identical; BN statistics restored)
+            ids, x = self.batch(step)
+            l_feat = user_backward_recomputed(self.net, self.opt, self.feature_net(), x, grad_cut, self.cfg.alpha)
+        if self.probe is not None:  # what an honest-but-curious user could learn of the provider's labels
+            self.probe.observe(ids, grad_cut)
+        self.progress.feature_losses.append(l_feat)
+        self.progress.step, self.progress.pending = step + 1, False
+        if self.cfg.checkpoint_every and self.progress.step % self.cfg.checkpoint_every == 0:
+            self.save_resume_point()
+
+    def _skip_refused(self, refused: int, reason: str) -> None:
+        """Phase 2: the provider refused the pending batch (it failed validation): move past it."""
+        if refused != protocol.NO_INDEX and refused == self.progress.step and self.progress.pending:
+            log.warning("user %d: provider refused batch %d (%s); skipping it", self.index, refused, reason)
+            self.kept = None
+            self.progress.step, self.progress.pending = refused + 1, False
+
+    def _send_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Phase 3: (ids, x̂) of batch ``step``; asked again (a lost reply), the same x̂ with nothing recomputed."""
+        ids, x = self.batch(step)
+        if self.progress.pending and self.kept is not None and self.kept.step == step:
+            xhat = self.kept.xhat.detach()
+        elif self.progress.pending:  # asked again, graph not kept: the same x̂, BatchNorm untouched
+            with frozen_batchnorm_statistics(self.net):
+                xhat = user_forward(self.net, x)
+        else:
+            xhat = self._forward(step, ids, x)
+        self.progress.pending = True
+        return ids, xhat
+
+    def _forward(self, step: int, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """x̂_t = h_θ(x_t); when kept, its autograd graph waits in memory for the provider's gradient."""
         if self.keep_graph is False:
-            return produce(self.net, x)
+            return user_forward(self.net, x)
         if self.keep_graph is None:  # keep-graph=auto: measure the graph once, keep it if memory allows
             held = []
             with torch.autograd.graph.saved_tensors_hooks(lambda t: held.append(t.nbytes) or t, lambda t: t):
-                xhat = produce_with_graph(self.net, x)
+                xhat = user_forward_with_graph(self.net, x)
             self.keep_graph = sum(held) * self.hosted <= graph_budget(self.device)
             log.info("user %d: autograd graph of a batch is %.1f MB; %s", self.index, sum(held) / 2**20,
                      "kept between messages" if self.keep_graph else "too big to keep: recomputed per step")
         else:
-            xhat = produce_with_graph(self.net, x)
+            xhat = user_forward_with_graph(self.net, x)
         if self.keep_graph:
             # the feature term of Eq. (6) needs no ψ: work it out while x̂ travels and the provider runs ψ
             if OVERLAP:
@@ -237,63 +341,8 @@ class LiveUser:
             else:
                 feature = Future()
                 feature.set_result(feature_gradient(self.feature_net(), x, xhat, self.cfg.alpha))
-            self.graph = (step, xhat, feature)
+            self.kept = KeptBatch(step, ids, xhat, feature)
         return xhat.detach()
-
-    def _apply(self, step: int, grad: torch.Tensor) -> float:
-        set_lr(self.opt, step // self.steps_per_epoch, self.cfg.epochs, self.cfg.lr)
-        if self.graph is not None and self.graph[0] == step:
-            _, xhat, feature = self.graph
-            self.graph = None
-            grad_feature, l_feat = feature.result()
-            class_gradient_step(self.opt, xhat, grad, grad_feature)
-            return l_feat
-        _, x = self.batch(step)  # recompute the forward pass (bit-identical; BN statistics restored)
-        return apply_class_gradient(self.net, self.opt, self.feature_net(), x, grad, self.cfg.alpha)
-
-    def step(self, control: dict, grad: np.ndarray | None, weights: dict | None) -> dict:
-        """Apply the provider's gradient for the pending batch (if any), then produce the wanted batch."""
-        started = time.perf_counter()
-        grad_step, want = int(control["grad-step"]), int(control["want"])
-        refused = int(control.get("refused-step", P.NONE))
-        step = int(self.progress["step"])
-        if grad_step != P.NONE:
-            if grad_step == step and self.progress["pending"] and grad is not None:
-                l_feat = self._apply(step, _tensor(grad).to(self.device))
-                self.progress["feature-losses"] = list(self.progress["feature-losses"]) + [l_feat]
-                step += 1
-                self.progress.update(step=step, pending=False)
-                if self.cfg.checkpoint_every and step % self.cfg.checkpoint_every == 0:
-                    self.save_resume_point()
-            else:
-                log.warning("user %d: ignoring stale gradient for step %d (at step %d)", self.index, grad_step, step)
-        if refused != P.NONE and refused == step and self.progress["pending"]:
-            log.warning("user %d: provider refused batch %d (%s); skipping it", self.index, step,
-                        control.get("reason", ""))
-            self.graph = None
-            self.progress.update(step=step + 1, pending=False)
-        if weights is not None:  # fedavg: adopt the averaged public h_θ
-            self.net.load_state_dict({k: _tensor(v) for k, v in weights.items()})
-            self.graph = None
-        step = int(self.progress["step"])
-        reply: dict = {"control": {"step": step, "batch": P.NONE}}
-        if want != P.NONE and want == step:
-            ids, x = self.batch(step)
-            if self.progress["pending"] and self.graph is not None and self.graph[0] == step:
-                xhat = self.graph[1].detach()  # asked again (a lost reply): the same x̂, nothing recomputed
-            elif self.progress["pending"]:  # asked again, graph not kept: same x̂, BN untouched
-                saved = {n: b.clone() for n, b in self.net.named_buffers()}
-                xhat = produce(self.net, x)
-                self.net.load_state_dict({**self.net.state_dict(), **saved})
-            else:
-                xhat = self._produce(step, x)
-            self.progress["pending"] = True
-            reply["control"]["batch"] = step
-            reply["protected"] = {"xhat": _numpy(xhat), "ids": _numpy(ids)}
-        if int(control.get("send-weights", 0)):
-            reply["weights"] = {k: _numpy(v) for k, v in self.net.state_dict().items()}
-        reply["metrics"] = {"compute-seconds": time.perf_counter() - started}
-        return reply
 
     # --- evaluation ------------------------------------------------------------------------------------
     def _eval_net(self, phase: str) -> UNet:
@@ -315,16 +364,17 @@ class LiveUser:
             for key, value in result.items():
                 value = _tensor(value)
                 acc[key] = torch.cat([acc[key], value]) if key in acc else value
-        reply: dict = {"control": {"step": int(self.progress["step"]), "batch": P.NONE}}
-        if want != P.NONE:
+        reply: dict = {"control": {"step": self.progress.step, "batch": protocol.NO_INDEX}}
+        if want != protocol.NO_INDEX:
             ids = self.ids[phase][want * self.cfg.eval_chunk:(want + 1) * self.cfg.eval_chunk]
             images, _ = self.images(phase)
             x = to_float(images[ids]).to(self.device)
             net = self._eval_net(phase)
             with torch.no_grad():
                 xhat = net(x)
-                phi = self.feature_net()
+                phi = self.feature_net()  # L_feat is the user's own term, on x̂ itself (as in training)
                 extra = {"feat": ((phi(xhat) - phi(x)) ** 2).flatten(1).mean(1).cpu()}
+                xhat = provider_view(xhat, self.cfg.wire)  # what the provider holds: sent, and measured
                 if phase == "test":
                     from pp_flower.metrics import psnr, ssim  # torchmetrics: only on the test path (import cost)
 
@@ -332,7 +382,7 @@ class LiveUser:
             for key, value in extra.items():
                 acc[key] = torch.cat([acc[key], value]) if key in acc else value
             reply["control"]["batch"] = want
-            reply["protected"] = {"xhat": _numpy(xhat), "ids": _numpy(ids)}
+            reply["protected"] = {"xhat": _numpy(encode(xhat, self.cfg.wire)), "ids": _numpy(ids)}
         else:
             reply["metrics"] = self._finish_phase(phase, acc)
             self.acc = {}
@@ -344,10 +394,10 @@ class LiveUser:
         if phase == "val":
             l_class, l_feat = acc["ce"].mean().item(), acc["feat"].mean().item()
             l_trans = l_class - self.cfg.alpha * l_feat
-            epoch = int(self.progress["step"]) // self.steps_per_epoch
-            self.progress["val-curve"] = list(self.progress["val-curve"]) + [l_trans]
-            if l_trans < float(self.progress["best-val"]):
-                self.progress.update({"best-val": l_trans, "best-epoch": epoch})
+            epoch = self.progress.step // self.steps_per_epoch
+            self.progress.val_curve.append(l_trans)
+            if l_trans < self.progress.best_val:
+                self.progress.best_val, self.progress.best_epoch = l_trans, epoch
                 self.best = {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()}
                 save_atomic(transform_blob(self.net, self.image_size(), alpha=self.cfg.alpha, epoch=epoch,
                                            val_transform_loss=l_trans),
@@ -366,17 +416,33 @@ class LiveUser:
             "user": self.index, "alpha": self.cfg.alpha, "test-accuracy": accuracy, "n-test": len(ids),
             "protected-psnr": summary(acc["psnr"]), "protected-ssim": summary(acc["ssim"]),
             "test-feature-loss": acc["feat"].mean().item(),
-            "val-transform-loss-curve": list(self.progress["val-curve"]),
-            "best-epoch": int(self.progress["best-epoch"]), "steps": int(self.progress["step"]),
-            "train-feature-loss-curve": list(self.progress["feature-losses"]),
-            "graph-mode": self.graph_mode,
+            "val-transform-loss-curve": list(self.progress.val_curve),
+            "best-epoch": self.progress.best_epoch, "steps": self.progress.step,
+            "train-feature-loss-curve": list(self.progress.feature_losses),
+            "graph-mode": self.graph_mode, "wire": self.cfg.wire,
+            "label-leakage": self._label_leakage(),
         }
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         self._write_grid(ids[:8])
         # medians, as metrics.json, deploy-local, demo and the README report them (labels say "median")
+        leak = metrics["label-leakage"] or {}
         return {"test-accuracy": accuracy, "protected-psnr": metrics["protected-psnr"]["median"],
-                "protected-ssim": metrics["protected-ssim"]["median"]}
+                "protected-ssim": metrics["protected-ssim"]["median"],
+                **{f"label-{k}": v for k, v in leak.items() if isinstance(v, (int, float)) and v is not None}}
+
+    def _label_leakage(self) -> dict | None:
+        """What this user infers of the provider's labels from the gradients it received (Li et al. 2022's
+        direction and norm attacks, pp_flower.label_leakage). The data set's labels only *score* the guesses
+        (and give the 10 per class the known-labels attack assumes): no label ever reached this user's trainer."""
+        if self.probe is None or len(self.probe) < 2:
+            return None
+        self.probe.save(self.out_dir / "label-probe.pt")  # `ppflower attack --labels` recomputes from it
+        labels = self.images("train")[1]
+        try:
+            return self.probe.report(labels, n_classes=int(labels.max()) + 1)
+        except ValueError as exc:  # e.g. fewer images than classes: say so, do not fail the run
+            return {"error": str(exc)}
 
     def _write_grid(self, ids: torch.Tensor) -> None:
         from pp_flower.report import save_pairs_grid
@@ -427,7 +493,7 @@ class UserTrainer:
         for live in self.users.values():
             live.hosted = len(self.users)
         return {"n-params": sum(p.numel() for p in user.net.parameters()), "n-train": len(user.ids["train"]),
-                "step": int(user.progress["step"]), "validated": len(user.progress["val-curve"])}
+                "step": user.progress.step, "validated": len(user.progress.val_curve)}
 
     def call(self, key: str, index: int, kind: str, control: dict, arrays: dict | None = None) -> dict:
         """One message of the protocol: ``kind`` is ``step`` or ``evaluate``; ``arrays`` its tensors by record."""
@@ -436,10 +502,10 @@ class UserTrainer:
         arrays = arrays or {}
         try:
             if kind == "step":
-                grad = (arrays.get(P.GRAD) or {}).get("grad")
-                return user.step(control, grad, arrays.get(P.WEIGHTS))
+                grad = (arrays.get(protocol.GRAD) or {}).get("grad")
+                return user.step(control, grad, arrays.get(protocol.WEIGHTS))
             if kind == "evaluate":
-                return user.evaluate(control, arrays.get(P.RESULT))
+                return user.evaluate(control, arrays.get(protocol.RESULT))
         except torch.cuda.OutOfMemoryError as exc:
             raise PPFlowerError(f"user {user.index}: out of GPU memory on {user.device} ({exc}). Lower batch-size "
                                 "or eval-chunk, set keep-graph=\"recompute\", or give each user a larger GPU share "
@@ -449,7 +515,7 @@ class UserTrainer:
     def export(self, key: str) -> dict:
         """Everything a user holds, for ``context`` mode (no live trainer: state travels in context.state)."""
         user = self._user(key)
-        return {**user.snapshot(), "progress": dict(user.progress), "best": user.best, "acc": dict(user.acc)}
+        return {**user.snapshot(), "progress": user.progress.to_dict(), "best": user.best, "acc": dict(user.acc)}
 
     def restore(self, key: str, meta: dict, ids: dict[str, np.ndarray], blob: dict) -> None:
         user = LiveUser(meta, {k: _tensor(v) for k, v in ids.items()})

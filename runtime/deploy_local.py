@@ -34,6 +34,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
 from pp_flower.config import format_run_config
 from pp_flower.errors import PPFlowerError
 
@@ -228,7 +230,7 @@ class LocalDeployment:
         name = name or f"supernode-{index}"
         port = self.node_ports.get(name) or free_port()
         self.node_ports[name] = port
-        launcher = [sys.executable, "-m", "sims.supernode"] if self.fast_supernode else [_bin("flower-supernode")]
+        launcher = [sys.executable, "-m", "runtime.supernode"] if self.fast_supernode else [_bin("flower-supernode")]
         argv = [*launcher, "--superlink", f"127.0.0.1:{self.port}", "--port", str(port), "--max-wait-time", "60"]
         if self.node_out_dirs:  # this user's h_θ, resume points and metrics stay here
             argv += ["--node-config", f'out-dir="{self.workdir / "nodes" / name}"']
@@ -349,57 +351,37 @@ class LocalDeployment:
 
 
 def descendants(root: int) -> list[int]:
-    """``root`` and every process below it (from /proc), so that none is left behind when we stop."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(children.get(pid, []))
-    return out
+    """``root`` and every process below it, so that none is left behind when we stop."""
+    try:
+        return [root, *(child.pid for child in psutil.Process(root).children(recursive=True))]
+    except psutil.Error:  # gone (or not ours to see): only itself
+        return [root]
 
 
 def mentioning(text: str) -> set[int]:
     """Processes whose command line contains ``text`` (this deployment's own working directory)."""
     found = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if text.encode() in f.read():
-                        found.add(int(entry))
-            except OSError:
-                continue
+    for proc in psutil.process_iter(["cmdline"]):
+        if text in "\0".join(proc.info["cmdline"] or ()):  # None: a process whose command line we may not read
+            found.add(proc.pid)
     return found
 
 
 def ancestors(pid: int) -> set[int]:
     """``pid`` and its parents up to init."""
-    chain = set()
-    while pid > 1 and pid not in chain:
-        chain.add(pid)
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                pid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            break
+    chain = {pid} if pid > 1 else set()
+    try:
+        chain.update(parent.pid for parent in psutil.Process(pid).parents() if parent.pid > 1)
+    except psutil.Error:
+        pass
     return chain
 
 
 def alive(pid: int) -> bool:
     """True while ``pid`` runs (a zombie, exited but not yet reaped by its parent, counts as gone)."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
         return False
 
 
@@ -414,8 +396,8 @@ def _signal(pid: int, sig: int) -> None:
 def deploy_local(users: int, workdir: Path, run_config: dict, secure: bool = True, log=print,
                  timeout: float = 3600, stream=print) -> dict:
     """Start everything, run the app, collect results, stop everything (also on Ctrl-C or a dead process)."""
-    from sims import signals
-    from sims.runlock import lock_dir, unlock_dir
+    from runtime import signals
+    from runtime.runlock import lock_dir, unlock_dir
 
     workdir = Path(workdir).resolve()
     run_dir = workdir / "run"  # run.json and user-K/: the layout of a simulation (`ppflower attack --run-dir` reads it)

@@ -12,7 +12,7 @@ the installed flwr is not the pinned one.
 | install_fast_polling | start_client_internal.time, _pull_and_store_message, _push_messages, HEARTBEAT_DEFAULT_INTERVAL | SuperNode idle poll 3 s → learned gap then 20 ms ×1.3 ≤ 0.5 s, reply poll 0.5 s → 0.01 s, heartbeat 30 s → 10 s; wakes the SuperExec per message |
 | install_woken_superexec | run_superexec.time | SuperExec task poll 1 s → on wake-up from the SuperNode, else 0.5 s |
 | install_fast_object_pulls | inflatable_utils.pull_objects defaults | first retry of a not-yet-uploaded object after 5 ms instead of 1 s |
-| use_superexec | start_client_internal.subprocess | the SuperNode starts sims.superexec instead of flower-superexec |
+| use_superexec | start_client_internal.subprocess | the SuperNode starts runtime.superexec instead of flower-superexec |
 | install_warm_clientapp | subprocess_executor.subprocess | the SuperExec forks ClientApp processes from a warm template |
 | profile_clientapp_phases | flwr.supernode.runtime.run_clientapp functions | logs each phase's duration (benchmarks only) |
 | plain_logs_when_piped | flwr.supercore.logger.update_console_handler | no ANSI colour codes in Flower's log lines when stderr is not a terminal |
@@ -40,7 +40,7 @@ def check_flower_version(installed: str | None = None) -> None:
     if installed.split(".")[:2] != FLWR_SERIES.split("."):
         raise PPFlowerError(
             f"flwr {installed} is installed, but pp-flower patches internals of flwr {FLWR_SERIES}.x "
-            f"(sims/flower_patches.py). Install flwr>={FLWR_SERIES},<1.43 (pip install -e .), or port those patches."
+            f"(runtime/flower_patches.py). Install flwr>={FLWR_SERIES},<1.43 (pip install -e .), or port those patches."
         )
 
 
@@ -180,7 +180,7 @@ class _NodeTime:
 
 def install_fast_polling(cap: float | None = None, reply: float = 0.01, heartbeat: float | None = None,
                          wake=None) -> _NodeTime:
-    """Replace the SuperNode's fixed waits (sims/supernode.py says why); ``wake()`` runs after each stored message.
+    """Replace the SuperNode's fixed waits (runtime/supernode.py says why); ``wake()`` runs after each stored message.
 
     ``wake`` tells this node's SuperExec that a task is ready, so it need not poll for one every few ms.
     """
@@ -288,12 +288,13 @@ def install_fast_object_pulls(initial_backoff: float = 0.005, backoff_cap: float
 
 
 def use_superexec() -> None:
-    """Start ``sims.superexec`` (woken per task; ClientApp processes forked from a warm template) as the SuperExec."""
+    """Start ``runtime.superexec`` (woken per task; ClientApp processes forked from a warm template) as the
+    SuperExec."""
     check_flower_version()
     from flwr.supernode import start_client_internal
 
     def route(args: list[str]) -> list[str]:
-        return [sys.executable, "-m", "sims.superexec", *args[1:]] if args[0] == "flower-superexec" else args
+        return [sys.executable, "-m", "runtime.superexec", *args[1:]] if args[0] == "flower-superexec" else args
 
     route_popen(start_client_internal, route)
 

@@ -5,6 +5,10 @@
 ``--app MODULE`` names a module with ``server_app`` and ``client_app`` (``MODULE:server,client`` picks
 other names). The run config is the app's defaults (pp_flower.config.AppConfig, mirrored in pyproject's
 ``[tool.flwr.app.config]``) overridden by ``--run-config``, and reaches the ServerApp's context.
+
+Like Flower, this runner imports no app: it loads ``--app`` by name and asks the module for optional hooks,
+``prepare_run_config`` (the full, checked run config), ``start_trainers`` (the app's own Ray actors, made before
+the run) and ``report_run`` (its results). sims.main provides all three.
 """
 
 from __future__ import annotations
@@ -183,7 +187,7 @@ def start_ray(ray_address: str | None = None) -> None:
     runtime_env = {"env_vars": {"PYTHONPATH": pythonpath}}
     if not sys.stderr.isatty():  # piped or logged: no ANSI colour codes, neither Ray's prefixes nor the workers' lines
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
-        runtime_env["worker_process_setup_hook"] = "sims.flower_patches.plain_logs_when_piped"
+        runtime_env["worker_process_setup_hook"] = "runtime.flower_patches.plain_logs_when_piped"
     try:
         ray.init(address=ray_address or "local", include_dashboard=False, runtime_env=runtime_env)
     except ConnectionError as exc:  # e.g. the cluster went away between the check and here
@@ -192,17 +196,18 @@ def start_ray(ray_address: str | None = None) -> None:
 
 def simulate(server_app, client_app, num_supernodes: int, run_config: dict, num_cpus: float = 1.0,
              num_gpus: float = 0.0, ray_address: str | None = None, verbose: bool = False,
-             users_per_trainer: int = 0) -> None:
+             users_per_trainer: int = 0, start_trainers=None) -> None:
     """Run ``server_app`` + ``num_supernodes`` × ``client_app`` on Flower's Ray simulation engine.
 
-    The users' live trainers (sims.user_trainers) are Ray actors made here, before the run: on GPU shares of
-    ``num_gpus`` each when given, else one per ``num_cpus`` cores. Flower's own workers only relay messages, so
-    they hold the CPUs and no GPU.
+    ``start_trainers(num_supernodes, num_cpus, num_gpus, users_per_trainer) -> names``, the app module's optional
+    hook, makes the app's own Ray actors once Ray is up and before the run (sims.main's: the users' live trainers,
+    on GPU shares of ``num_gpus`` each when given, else one per ``num_cpus`` cores). Flower's own workers then
+    only relay messages, so they hold the CPUs and no GPU; as many are placed as the hook made actors (without a
+    hook: one per user).
     """
     from flwr.app import Context, RecordDict
 
-    from sims.flower_patches import install_event_driven_dispatch, run_simulation_engine
-    from sims.user_trainers import create_pool
+    from runtime.flower_patches import install_event_driven_dispatch, run_simulation_engine
 
     install_event_driven_dispatch()
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # keep Ray's GPU env handling quiet
@@ -210,16 +215,17 @@ def simulate(server_app, client_app, num_supernodes: int, run_config: dict, num_
     import ray
 
     node_cpus = check_cluster(num_cpus, num_gpus)
-    trainers = create_pool(num_supernodes, num_cpus, num_gpus, users_per_trainer)
+    trainers = start_trainers(num_supernodes, num_cpus, num_gpus, users_per_trainer) if start_trainers else []
     # as many relay workers as trainers: more would add processes, not parallelism (a trainer serialises its users);
     # never more than one node has, or no relay worker could be placed
-    relay_cpus = max(num_cpus, min(node_cpus, ray.cluster_resources().get("CPU", 1) / len(trainers)))
+    workers = len(trainers) or num_supernodes
+    relay_cpus = max(num_cpus, min(node_cpus, ray.cluster_resources().get("CPU", 1) / workers))
     backend_config = {"client_resources": {"num_cpus": relay_cpus, "num_gpus": 0.0}}
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
     import signal
     import threading
 
-    from sims import signals
+    from runtime import signals
 
     in_main = threading.current_thread() is threading.main_thread()
     previous = {sig: signal.getsignal(sig) for sig in signals.SIGNALS} if in_main else {}
@@ -255,7 +261,7 @@ def stop_on_interrupt(run_dir: str | None) -> None:
     """
     import ray
 
-    from sims.signals import print_resume_line
+    from runtime.signals import print_resume_line
 
     _quiet_logs()
     try:
@@ -286,7 +292,7 @@ def cli(
     run_config: str = typer.Option("", "--run-config", help='Overrides in Flower\'s grammar (strings quoted), e.g. '
                                    '\'classifier="runs/classifier/best.pt" alpha=0.005\', or a .toml file of them. '
                                    f'Keys: {", ".join(AppConfig.keys())}. Defaults: pyproject.toml '
-                                   'section tool.flwr.app.config; meanings: README, section flower-simulation.'),
+                                   'section tool.flwr.app.config; meanings: README, section Configuration.'),
     num_cpus: float = typer.Option(1.0, "--num-cpus", help="CPU cores reserved per user (Ray resources)."),
     num_gpus: float = typer.Option(0.0, "--num-gpus", help="GPU fraction per user, e.g. 0.25."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS",
@@ -295,11 +301,13 @@ def cli(
 ) -> None:
     """Run the pp-flower app (or any Flower app module) on Flower's simulation engine.
 
-    An app module may define ``prepare_run_config(overrides) -> dict`` (its full, checked run config) and
-    ``report_run(run_config, log)`` (its results; raising when they are unusable): sims.main does both.
+    An app module may define ``prepare_run_config(overrides) -> dict`` (its full, checked run config),
+    ``start_trainers(num_supernodes, num_cpus, num_gpus, users_per_trainer)`` (its own Ray actors, made before
+    the run) and ``report_run(run_config, log)`` (its results; raising when they are unusable): sims.main does
+    all three.
     Ctrl-C stops the run and Ray's workers within seconds (exit 130); rerun the same command to resume."""
     from pp_flower.config import parse_run_config
-    from sims.runlock import lock_dir
+    from runtime.runlock import lock_dir
 
     if num_supernodes < 1:
         raise PPFlowerError(f"--num-supernodes must be at least 1, got {num_supernodes}.")
@@ -314,14 +322,15 @@ def cli(
         lock_dir(config["run-dir"], "run dir")
     console.print(f"[bold]flower-simulation[/] {app}: {num_supernodes} users"
                   + (f", run dir {config['run-dir']}" if "run-dir" in config else ""))
-    simulate(server_app, client_app, num_supernodes, config, num_cpus, num_gpus, ray_address, verbose)
+    simulate(server_app, client_app, num_supernodes, config, num_cpus, num_gpus, ray_address, verbose,
+             start_trainers=getattr(module, "start_trainers", None))
     if (report := getattr(module, "report_run", None)) is not None:
         report(config, console.print)
 
 
 def main() -> None:
-    from sims import signals
-    from sims.flower_patches import plain_logs_when_piped
+    from runtime import signals
+    from runtime.flower_patches import plain_logs_when_piped
 
     signals.install(on_first=_quiet_logs)  # SIGTERM and SIGHUP stop the run as Ctrl-C does, at every stage
     plain_logs_when_piped()

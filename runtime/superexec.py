@@ -28,6 +28,7 @@ import sys
 import threading
 
 DEFAULT_PRELOAD = "torch,flwr.app,flwr.clientapp,flwr.serverapp,flwr.supernode.cli.flwr_clientapp"
+FAB_PACKAGES = ("pp_flower", "strategies", "sims", "runtime")  # what the FAB ships (pyproject's fab-include)
 
 
 # ------------------------------------------------------------------------------------------- the template
@@ -37,10 +38,10 @@ def template_main() -> None:
     """Import the heavy modules, then fork one ``flwr-clientapp`` per JSON argument list read from stdin."""
     for name in filter(None, os.environ.get("PPFLOWER_WARM_PRELOAD", DEFAULT_PRELOAD).split(",")):
         importlib.import_module(name.strip())
-    from sims.flower_patches import install_fast_object_pulls
+    from runtime.flower_patches import install_fast_object_pulls
 
     install_fast_object_pulls()  # inherited by every forked ClientApp: it pulls its message without 1 s waits
-    for name in [m for m in sys.modules if m.split(".")[0] in ("sims", "pp_flower")]:
+    for name in [m for m in sys.modules if m.split(".")[0] in FAB_PACKAGES]:
         del sys.modules[name]  # the app's own modules must come from the FAB, never from this template
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped automatically
     print("ready", flush=True)
@@ -66,7 +67,7 @@ def _run_clientapp(argv: list[str]) -> None:
         from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
 
         if os.environ.get("PPFLOWER_WARM_PROFILE") == "1":
-            from sims.flower_patches import profile_clientapp_phases
+            from runtime.flower_patches import profile_clientapp_phases
 
             profile_clientapp_phases()
 
@@ -87,7 +88,7 @@ class WarmLauncher:
     """Starts the template process and hands it ClientApp launches; ``launch`` returns False when it cannot."""
 
     def __init__(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "sims.superexec", "--template"],
+        self.proc = subprocess.Popen([sys.executable, "-m", "runtime.superexec", "--template"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.ready = threading.Event()
         self.lock = threading.Lock()
@@ -115,7 +116,7 @@ class WarmLauncher:
 
 def install_warm_clientapp() -> WarmLauncher:
     """Patch flwr's subprocess executor so that ClientApp tasks are forked from the template."""
-    from sims import flower_patches
+    from runtime import flower_patches
 
     launcher = WarmLauncher()
     flower_patches.install_warm_clientapp(launcher.launch)
@@ -128,7 +129,7 @@ def main() -> None:
         return
     from flwr.supercore.cli import flower_superexec
 
-    from sims.flower_patches import install_woken_superexec
+    from runtime.flower_patches import install_woken_superexec
 
     if os.environ.get("PPFLOWER_SUPEREXEC_WAKE"):
         install_woken_superexec(os.environ["PPFLOWER_SUPEREXEC_WAKE"])

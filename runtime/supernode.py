@@ -9,19 +9,20 @@ idle pull learns the usual gap between our reply and the provider's next message
 then polls at 20 ms growing to ``PPFLOWER_SUPERNODE_POLL`` = 0.5 s; the reply poll is 0.01 s; the SuperExec
 is woken through a private FIFO when a message is stored, instead of polling every second. It sends its
 heartbeat every 10 s instead of 30 s (a killed node is seen offline, and may come back, after 20 s instead of
-60 s). Its SuperExec is ``sims.superexec``, which forks each message's ClientApp process from a template that
+60 s). Its SuperExec is ``runtime.superexec``, which forks each message's ClientApp process from a template that
 imported torch and flwr once, instead of starting a fresh interpreter per message (``PPFLOWER_WARM_CLIENTAPP=0``
 turns that off).
 
-It also starts the user's long-lived trainer (``sims.trainer``) beside the SuperNode: one process holding h_θ, its
-optimizer, φ and the images, which each message's ClientApp process only relays to, over an owner-only Unix socket
+It also starts the user's long-lived trainer beside the SuperNode (``python -m sims.trainer``: the app's module,
+started by name, :data:`TRAINER_MODULE`, as Flower starts apps): one process holding h_θ, its optimizer, φ and the
+images, which each message's ClientApp process only relays to, over an owner-only Unix socket
 authenticated by a secret that only this SuperNode's processes know (a fresh 0700 directory holds both). The
 trainer is restarted when it dies or hangs (``PPFLOWER_TRAINER_HANG_TIMEOUT`` s in one call); the user then resumes
 from its resume point. ``PPFLOWER_USER_TRAINER=0`` runs without it (state in ``context.state``, as plain
 ``flower-supernode`` does).
 
-It patches module internals of the pinned flwr 1.42.x (all in sims/flower_patches.py); plain ``flower-supernode`` works with the app too, only
-slower (docs/deployment.md).
+It patches module internals of the pinned flwr 1.42.x (all in runtime/flower_patches.py); plain
+``flower-supernode`` works with the app too, only slower (docs/deployment.md).
 """
 
 from __future__ import annotations
@@ -35,9 +36,11 @@ import tempfile
 import threading
 import time as _time
 
+TRAINER_MODULE = "sims.trainer"  # the app's trainer process, run by name (``python -m``) as Flower runs apps
 
 class TrainerSupervisor:
-    """Starts ``sims.trainer`` and keeps it alive: restarted when it exits or stops answering pings."""
+    """Starts the user's trainer (``python -m`` :data:`TRAINER_MODULE`) and keeps it alive: restarted when it exits or
+    stops answering pings."""
 
     def __init__(self, hang_timeout: float | None = None, check_every: float = 1.0):
         from pp_flower.channel import make_secret
@@ -55,7 +58,7 @@ class TrainerSupervisor:
 
     def start(self) -> None:
         env = {**os.environ, "PPFLOWER_TRAINER_HANG_TIMEOUT": str(self.hang_timeout)}
-        self.proc = subprocess.Popen([sys.executable, "-m", "sims.trainer", "--socket", self.socket,
+        self.proc = subprocess.Popen([sys.executable, "-m", TRAINER_MODULE, "--socket", self.socket,
                                       "--secret-file", self.secret_file], env=env)
         deadline = _time.time() + 120
         while not os.path.exists(self.socket) and self.proc.poll() is None and _time.time() < deadline:
@@ -112,14 +115,14 @@ def start_user_trainer() -> TrainerSupervisor:
 def main() -> None:
     from flwr.supernode.cli import flower_supernode
 
-    from sims.flower_patches import (install_fast_object_pulls, install_fast_polling, make_superexec_waker,
-                                     plain_logs_when_piped, use_superexec)
+    from runtime.flower_patches import (install_fast_object_pulls, install_fast_polling, make_superexec_waker,
+                                        plain_logs_when_piped, use_superexec)
 
     plain_logs_when_piped()
     private = tempfile.mkdtemp(prefix="ppf-node-")  # 0700: the SuperExec's wake-up FIFO
     atexit.register(shutil.rmtree, private, True)
     fifo, wake = make_superexec_waker(private)
-    os.environ["PPFLOWER_SUPEREXEC_WAKE"] = fifo  # read by sims.superexec, which the SuperNode starts
+    os.environ["PPFLOWER_SUPEREXEC_WAKE"] = fifo  # read by runtime.superexec, which the SuperNode starts
     install_fast_polling(wake=wake)
     install_fast_object_pulls()
     if os.environ.get("PPFLOWER_USER_TRAINER", "1") != "0":

@@ -8,7 +8,8 @@ from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from pp_flower import protocol as P
+from pp_flower import protocol
+from sims.user_trainers import create_pool as start_trainers  # flower-simulation's hook: trainers before the run
 from sims.user_trainers import trainer_for
 
 def route_logs_to_flower() -> None:
@@ -34,10 +35,10 @@ def make_server_app(message_log=None) -> ServerApp:
     def main(grid: Grid, context: Context) -> None:
         route_logs_to_flower()
         from pp_flower.config import AppConfig
-        from sims.flower_patches import install_fast_object_pulls
+        from runtime.flower_patches import install_fast_object_pulls
         from strategies.provider import ProviderStrategy  # the provider's torch stack: never in a user's process
 
-        from sims.runlock import lock_dir, unlock_dir
+        from runtime.runlock import lock_dir, unlock_dir
 
         install_fast_object_pulls()  # deployment: users' replies are pulled from the SuperLink without 1 s waits
         # relative paths mean this process's directory (`flwr run .`: where the SuperLink was started), and users
@@ -125,7 +126,7 @@ NODE_KEYS = ("data-dir", "vgg-weights", "user-device", "num-threads")  # a user'
 def setup(msg: Message, context: Context) -> Message:
     """Hand the provider's config and sample ids to a fresh live user (``resume``: from its resume point)."""
     route_logs_to_flower()
-    meta = dict(msg.content.config_records[P.CONFIG])
+    meta = dict(msg.content.config_records[protocol.CONFIG])
     resume = bool(int(meta.pop("resume", 0)))
     for key in NODE_KEYS:
         if key in context.node_config:
@@ -133,28 +134,28 @@ def setup(msg: Message, context: Context) -> Message:
     meta["out-dir"] = str(context.node_config.get("out-dir", meta["out-dir"]))
     trainer, where = trainer_for(context)
     key = secrets.token_hex(16)
-    info = trainer.setup(key, meta, P.get_arrays(msg.content, P.IDS), resume)
+    info = trainer.setup(key, meta, protocol.get_arrays(msg.content, protocol.IDS), resume)
     context.state[S_USER] = ConfigRecord({"key": key, "index": int(meta["user-index"]), "trainer": where})
     step = info.pop("step")  # > 0 when a restarted user resumed from its resume point
-    return Message(content=P.make_content(control={"step": step, "batch": P.NONE}, metrics=info), reply_to=msg)
+    return Message(content=protocol.make_content(control={"step": step, "batch": protocol.NO_INDEX}, metrics=info), reply_to=msg)
 
 
 def relay(msg: Message, context: Context, kind: str) -> Message:
     """One message to the user's trainer and its reply back: x̂, ids, counters and metrics only."""
     if S_USER not in context.state.config_records:
-        raise RuntimeError(f"{P.NOT_SET_UP} (no query.setup message received; a restarted SuperNode?)")
+        raise RuntimeError(f"{protocol.NOT_SET_UP} (no query.setup message received; a restarted SuperNode?)")
     user = context.state.config_records[S_USER]
     trainer, _ = trainer_for(context, str(user["trainer"]))
-    arrays = {k: P.get_arrays(msg.content, k) for k in (P.GRAD, P.RESULT, P.WEIGHTS) if k in msg.content.array_records}
-    control = dict(msg.content.config_records[P.CONTROL])
+    arrays = {k: protocol.get_arrays(msg.content, k) for k in (protocol.GRAD, protocol.RESULT, protocol.WEIGHTS) if k in msg.content.array_records}
+    control = dict(msg.content.config_records[protocol.CONTROL])
     reply = trainer.call(str(user["key"]), int(user["index"]), kind, control, arrays)
     return reply_message(msg, reply)
 
 
 def reply_message(msg: Message, reply: dict) -> Message:
     """Turn a trainer's reply into the reply Message (the only way user data leaves the user)."""
-    content = P.make_content(control=reply.get("control"), metrics=reply.get("metrics"),
-                             **{P.PROTECTED: reply.get("protected"), P.WEIGHTS: reply.get("weights")})
+    content = protocol.make_content(control=reply.get("control"), metrics=reply.get("metrics"),
+                             **{protocol.PROTECTED: reply.get("protected"), protocol.WEIGHTS: reply.get("weights")})
     return Message(content=content, reply_to=msg)
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context
 
-from pp_flower import protocol as P
+from pp_flower import protocol
 from pp_flower.errors import PPFlowerError
 
 POOL_PREFIX = "ppflower-trainer-"
@@ -166,7 +166,7 @@ class ContextTrainer:
         info = _local_trainer().setup(key, meta, ids, resume)
         state = self.context.state
         state["pp.meta"] = ConfigRecord(meta)
-        state["pp.ids"] = ArrayRecord({k: P.tensor_array(v) for k, v in ids.items()})
+        state["pp.ids"] = ArrayRecord({k: protocol.tensor_array(v) for k, v in ids.items()})
         self._save(key)
         return info
 

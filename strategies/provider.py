@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -21,15 +21,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from pp_flower import protocol as P
+from pp_flower import protocol
 from pp_flower.checkpoints import load_classifier, save_atomic, transform_blob
 from pp_flower.classifier import chance_line_of
 from pp_flower.config import AppConfig, check_app_inputs, require_classifier, resolve_device
 from pp_flower.data import index_fingerprint, load_splits, user_shards
 from pp_flower.errors import PPFlowerError
-from pp_flower.models import UNet, check_image_size
+from pp_flower.models import UNet
 from pp_flower.progress import Bar
-from pp_flower.transform import class_gradients, steps_per_epoch
+from pp_flower.transform import provider_cut_gradients, steps_per_epoch
 
 log = logging.getLogger("pp_flower.provider")
 
@@ -38,9 +38,39 @@ MessageLog = Callable[[str, Message], None]  # ("to-user" | "to-provider", messa
 
 @dataclass
 class Pending:
+    """∂L_class/∂x̂ of a user's batch ``step``, computed and not yet acknowledged by the user."""
+
     step: int
     grad: torch.Tensor
     class_loss: float
+
+
+@dataclass
+class EvalPass:
+    """One user's way through a validation or test pass, one chunk of images per evaluation round."""
+
+    phase: str                        # "val" or "test"
+    chunk: int = 0                    # the chunk wanted next
+    results: dict | None = None       # ψ's results for the chunk before it, sent with the next request
+    metrics: dict | None = None       # the user's metrics, once it has every result
+
+
+@dataclass
+class Timing:
+    """Where a run's training time went (run.json's "timing", hyphenated there; seconds and bytes)."""
+
+    train_seconds: float = 0.0
+    wait: float = 0.0                   # from sending a round's messages to the last reply
+    user_compute_critical: float = 0.0  # per round, the slowest user's compute, summed
+    user_compute_total: float = 0.0
+    provider_compute: float = 0.0
+    steps: int = 0
+    train_images: int = 0
+    bytes_to_provider: int = 0
+    bytes_to_users: int = 0
+
+    def to_json(self) -> dict:
+        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
 
 
 @dataclass(eq=False)
@@ -62,6 +92,8 @@ class UserTrack:
     final_metrics: dict = field(default_factory=dict)
     val_metrics: list[dict] = field(default_factory=list)
     validated: int = 0               # epochs validated before this run started (a rerun resumed the user)
+    wanted: int = -1                 # the batch asked for in this training round (protocol.NO_INDEX: none)
+    evaluation: EvalPass | None = None
 
     def next_batch(self) -> int:
         if self.pending is not None:
@@ -107,9 +139,9 @@ class ProviderStrategy(Strategy):
         self.result = Result()
         self.data_fingerprint = ""  # what the ids index (file names and counts; from_config sets it)
         self._usual_wait: float | None = None  # smoothed seconds until every user has replied (deployment polling)
-        self.timing = {"train-seconds": 0.0, "wait": 0.0, "user-compute-critical": 0.0, "user-compute-total": 0.0,
-                       "provider-compute": 0.0, "steps": 0, "train-images": 0, "bytes-to-provider": 0,
-                       "bytes-to-users": 0}
+        self.timing = Timing()
+        self.steps_per_epoch = 0  # setup() sets it from the smallest shard
+        self.noise = torch.Generator().manual_seed(cfg.seed)  # grad-noise draws (the defence), reproducible
 
     @classmethod
     def from_config(cls, cfg: AppConfig, message_log: MessageLog | None = None) -> "ProviderStrategy":
@@ -169,7 +201,7 @@ class ProviderStrategy(Strategy):
             delay = min(delay * 1.5, cap)
         if phase == "train":
             waited = time.perf_counter() - start
-            self.timing["wait"] += waited
+            self.timing.wait += waited
             if not outstanding:
                 self._usual_wait = waited if self._usual_wait is None else 0.7 * self._usual_wait + 0.3 * waited
         for mid in outstanding:
@@ -181,7 +213,10 @@ class ProviderStrategy(Strategy):
     def _record(self, direction: str, msg: Message, phase: str) -> None:
         if msg.has_content() and phase == "train":
             n = sum(len(a.data) for rec in msg.content.array_records.values() for a in rec.values())
-            self.timing["bytes-to-users" if direction == "to-users" else "bytes-to-provider"] += n
+            if direction == "to-users":
+                self.timing.bytes_to_users += n
+            else:
+                self.timing.bytes_to_provider += n
         if self.message_log is not None:
             self.message_log(direction, msg)
 
@@ -197,14 +232,14 @@ class ProviderStrategy(Strategy):
         if reply is None:
             return False
         if reply.has_error():
-            if P.NOT_SET_UP in reply.error.reason:
+            if protocol.NOT_SET_UP in reply.error.reason:
                 user.needs_setup = True
             self._fail(user, f"ClientApp error: {reply.error.reason}")
             return False
         return True
 
     def _message(self, user: UserTrack, message_type: str, control: dict, **arrays) -> Message:
-        content = P.make_content(control=control, **arrays)
+        content = protocol.make_content(control=control, **arrays)
         return Message(content=content, dst_node_id=user.node_id, message_type=message_type)
 
     # --- the run ---------------------------------------------------------------------------------------
@@ -219,10 +254,64 @@ class ProviderStrategy(Strategy):
         started = time.time()
         self.summary()
         self.setup(grid)
-        total = self.cfg.epochs * self.steps_per_epoch * len(self.users)
-        with Bar(f"h_θ steps of {len(self.users)} users", total) as self.bar:
+        with Bar(f"h_θ steps of {len(self.users)} users", self.cfg.epochs * self.steps_per_epoch * len(self.users)
+                 ) as self.bar:
             for epoch in range(self.cfg.epochs):
-                self._epoch(grid, epoch)
+                active = [u for u in self.users.values() if u.active]
+                if active and all(u.validated > epoch for u in active):  # a rerun: done before the interruption
+                    log.info("epoch %d: trained and validated before this run resumed", epoch + 1)
+                    continue
+                t0 = time.perf_counter()
+                end, since_average = (epoch + 1) * self.steps_per_epoch, 0
+                while self._train_round(grid, end):
+                    since_average += 1
+                    if self.cfg.aggregate == "fedavg" and since_average >= self.cfg.aggregate_every \
+                            and not self._epoch_done(end):
+                        self.average(grid)
+                        since_average = 0
+                if self.cfg.aggregate == "fedavg":  # h_θ is public: every epoch ends with one average
+                    self.average(grid)
+                self.timing.train_seconds += time.perf_counter() - t0
+                self._validate(grid, epoch)
+        self._test(grid)
+        out = Path(self.cfg.run_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "run.json").write_text(json.dumps(self.run_summary(time.time() - started), indent=2))
+        return self.result
+
+    def _train_round(self, grid: Grid, end: int) -> bool:
+        """One SGD step of every active user (a Flower training round); False once every user reached ``end``.
+
+        configure_train → exchange → aggregate_train, as in Flower's ``Strategy.start``, then the bookkeeping.
+        """
+        self.reconnect(grid)
+        server_round = len(self.rounds) + 1
+        messages = self.configure_train(server_round, ArrayRecord(), ConfigRecord({"end": end}), grid)
+        if not messages:
+            return False
+        t0 = time.perf_counter()
+        replies = self.exchange(grid, messages, self.cfg.step_timeout)
+        _, metrics = self.aggregate_train(server_round, replies.values())
+        found = dict(metrics or {})
+        self.timing.steps += 1
+        self.rounds.append({"seconds": time.perf_counter() - t0, "images": int(found.pop("round/images", 0)),
+                            "user-compute": found.pop("round/user-compute", 0.0),
+                            "provider-compute": found.pop("round/provider-compute", 0.0)})
+        if found:
+            self.result.train_metrics_clientapp[server_round] = MetricRecord(found)
+        return True
+
+    def _epoch_done(self, end: int) -> bool:
+        return all(u.done(end) for u in self.users.values() if u.active)
+
+    def _validate(self, grid: Grid, epoch: int) -> None:
+        val = self.evaluate(grid, "val")
+        for user, metrics in val.items():
+            user.val_metrics.append(metrics)
+            log.info("epoch %d user %d: val L_trans %.4f", epoch + 1, user.index, metrics["val-transform-loss"])
+        self.result.evaluate_metrics_clientapp[len(self.rounds)] = MetricRecord(self._per_user(val))
+
+    def _test(self, grid: Grid) -> None:
         for user, metrics in self.evaluate(grid, "test").items():
             user.final_metrics = metrics
             log.info("user %d: test accuracy %.4f, protected PSNR %.2f dB (median)", user.index,
@@ -230,10 +319,6 @@ class ProviderStrategy(Strategy):
         # the test is a round of its own, after the last training round and its validation
         self.result.evaluate_metrics_clientapp[len(self.rounds) + 1] = MetricRecord(self._per_user(
             {u: u.final_metrics for u in self.users.values() if u.final_metrics}))
-        out = Path(self.cfg.run_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "run.json").write_text(json.dumps(self.run_summary(time.time() - started), indent=2))
-        return self.result
 
     def summary(self) -> None:
         """Log the strategy's configuration, as Flower's strategies do."""
@@ -268,8 +353,8 @@ class ProviderStrategy(Strategy):
             time.sleep(0.2)
 
     def _setup_message(self, user: UserTrack, node: int, resume: bool = False) -> Message:
-        return Message(content=P.make_content(config=self.setup_config(user, resume), ids=user.ids), dst_node_id=node,
-                       message_type=P.SETUP)
+        return Message(content=protocol.make_content(config=self.setup_config(user, resume), ids=user.ids),
+                       dst_node_id=node, message_type=protocol.SETUP)
 
     def setup_config(self, user: UserTrack, resume: bool = False) -> dict:
         """What a user's setup message configures (with its ids): the run config without ψ's path, the user's
@@ -320,10 +405,10 @@ class ProviderStrategy(Strategy):
                 continue
             del self.users[user.node_id]
             user.node_id, self.users[node] = node, user
-            user.applied = int(reply.content.config_records[P.CONTROL]["step"])
+            user.applied = int(reply.content.config_records[protocol.CONTROL]["step"])
             user.pending = user.refused = None
             user.failures, user.active, user.needs_setup = 0, True, False
-            user.rejoins.append((self.timing["steps"], node, user.applied))
+            user.rejoins.append((self.timing.steps, node, user.applied))
             log.warning("user %d rejoined on node %d, resuming at step %d", user.index, node, user.applied)
 
     def setup(self, grid: Grid) -> None:
@@ -350,9 +435,9 @@ class ProviderStrategy(Strategy):
                 log.error("user %d failed its setup and takes no part in this run", user.index)
                 continue
             content = replies[node].content
-            user.applied = int(content.config_records[P.CONTROL]["step"])
-            user.validated = int(content.metric_records[P.METRICS].get("validated", 0)) \
-                if P.METRICS in content.metric_records else 0
+            user.applied = int(content.config_records[protocol.CONTROL]["step"])
+            user.validated = int(content.metric_records[protocol.METRICS].get("validated", 0)) \
+                if protocol.METRICS in content.metric_records else 0
             if user.applied:
                 log.info("user %d resumed from its resume point at step %d", user.index, user.applied)
         if not any(u.active for u in self.users.values()):
@@ -364,126 +449,94 @@ class ProviderStrategy(Strategy):
             raise PPFlowerError(f"Every user failed its setup{why}; see the log above.")
         log.info("%d users, %d steps per epoch, batch %d", len(nodes), self.steps_per_epoch, self.cfg.batch_size)
 
-    def _epoch(self, grid: Grid, epoch: int) -> None:
-        active = [u for u in self.users.values() if u.active]
-        if active and all(u.validated > epoch for u in active):  # a rerun: done before the interruption
-            log.info("epoch %d: trained and validated before this run resumed", epoch + 1)
-            return
-        self.train_epoch(grid, epoch)
-        val = self.evaluate(grid, "val")
-        for user, metrics in val.items():
-            user.val_metrics.append(metrics)
-            log.info("epoch %d user %d: val L_trans %.4f", epoch + 1, user.index, metrics["val-transform-loss"])
-        self.result.evaluate_metrics_clientapp[len(self.rounds)] = MetricRecord(self._per_user(val))
-
-    def train_epoch(self, grid: Grid, epoch: int) -> None:
-        started = time.perf_counter()
-        try:
-            self._train_epoch(grid, epoch)
-        finally:
-            self.timing["train-seconds"] += time.perf_counter() - started
-
-    def _train_epoch(self, grid: Grid, epoch: int) -> None:
-        end = (epoch + 1) * self.steps_per_epoch
-        fedavg = self.cfg.aggregate == "fedavg"
-        rounds_since_average = 0
-        while True:
-            self.reconnect(grid)
-            todo = [u for u in self.users.values() if u.active and not u.done(end)]
-            if fedavg and (not todo or rounds_since_average >= self.cfg.aggregate_every):
-                self.average(grid)
-                rounds_since_average = 0
-            if not todo:
-                return
-            rounds_since_average += 1
-            round_start = time.perf_counter()
-            server_round = len(self.rounds) + 1
-            messages = list(self.configure_train(server_round, ArrayRecord(), ConfigRecord({"end": end}), grid))
-            replies = self.exchange(grid, messages, self.cfg.step_timeout)
-            _, metrics = self.aggregate_train(server_round, replies.values())
-            self.timing["steps"] += 1
-            self.rounds.append({"seconds": time.perf_counter() - round_start, **self._round})
-            if metrics is not None:
-                self.result.train_metrics_clientapp[server_round] = metrics
-
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                         ) -> list[Message]:
-        """One SGD step's messages: every active user's pending ∂L_class/∂x̂ and the batch it should send next."""
+        """One SGD step's messages, to every active user short of step ``config["end"]``: its pending
+        ∂L_class/∂x̂ and the batch it should send next (none once it reaches the end of the epoch)."""
         end = int(config["end"])
-        self._round_users = [u for u in self.users.values() if u.active and not u.done(end)]
-        self._round_end = end
         messages = []
-        for user in self._round_users:
+        for user in self.users.values():
+            if not user.active or user.done(end):
+                continue
             want = user.next_batch()
-            control = {"grad-step": user.pending.step if user.pending else P.NONE, "want": want if want < end else P.NONE}
+            user.wanted = want if want < end else protocol.NO_INDEX
+            control = {"grad-step": user.pending.step if user.pending else protocol.NO_INDEX, "want": user.wanted}
             if user.refused is not None:
                 control.update({"refused-step": user.refused[0], "reason": user.refused[1]})
             grad = {"grad": user.pending.grad} if user.pending else None
-            messages.append(self._message(user, P.STEP, control, **{P.GRAD: grad}))
+            messages.append(self._message(user, protocol.STEP, control, **{protocol.GRAD: grad}))
         return messages
 
     def aggregate_train(self, server_round: int, replies) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Check every reply before any of it reaches ψ, then run ψ once over all users' x̂ (one SGD step each).
 
-        No global arrays come out (each user's h_θ stays with the user); the metrics are each user's
-        L_class of this step, ``user-K/train-class-loss``.
+        No global arrays come out (each user's h_θ stays with the user). The metrics are each user's L_class of
+        this step (``user-K/train-class-loss``) and the round's ``round/images``, ``round/user-compute`` (the
+        slowest user's seconds) and ``round/provider-compute`` (seconds).
         """
         by_node = {r.metadata.src_node_id: r for r in replies}
-        computes = [float(r.content.metric_records[P.METRICS].get("compute-seconds", 0.0))
-                    for r in by_node.values() if not r.has_error() and P.METRICS in r.content.metric_records]
-        user_critical = max(computes, default=0.0)
-        self.timing["user-compute-critical"] += user_critical
-        self.timing["user-compute-total"] += sum(computes)
-        end = self._round_end
-        submissions = []
-        for user in self._round_users:
-            reply = by_node.get(user.node_id)
-            if not self._reply_ok(user, reply):
-                continue
-            expected = user.next_batch()
-            try:
-                control = reply.content.config_records[P.CONTROL]
-                user.applied = int(control["step"])
-            except (KeyError, TypeError, ValueError):
-                self._fail(user, "reply refused: control record missing or malformed")
-                continue
-            if user.pending is not None and user.applied > user.pending.step:
-                user.pending = None
-            if user.refused is not None and user.applied > user.refused[0]:
-                user.refused = None
-            try:
-                sub = P.validate_submission(reply, user.ids["train"], self.image_shape, self.cfg.batch_size)
-                if sub is not None and sub.batch != expected:
-                    raise P.ProtocolError(f"sent batch {sub.batch}, expected batch {expected}")
-            except P.ProtocolError as exc:
-                user.refused = (expected, str(exc))
-                self._fail(user, f"reply refused: {exc}", expected)
-                continue
-            if sub is None and not user.done(end):
-                self._fail(user, f"no progress (user at step {user.applied}, provider expects batch {expected})")
-                continue
-            user.failures = 0
-            if sub is not None:
-                submissions.append((user, sub))
-        provider_seconds = 0.0
-        metrics = None
+        computes = [float(r.content.metric_records[protocol.METRICS].get("compute-seconds", 0.0))
+                    for r in by_node.values() if not r.has_error() and protocol.METRICS in r.content.metric_records]
+        self.timing.user_compute_critical += max(computes, default=0.0)
+        self.timing.user_compute_total += sum(computes)
+        submissions = [(user, sub) for node, user in self.users.items()  # the users' order: ψ's batches are fixed
+                       if node in by_node and (sub := self._accept(user, by_node[node])) is not None]
+        provider_seconds, found = 0.0, {}
         if submissions:
             t0 = time.perf_counter()
             labels = [self.train_labels[s.ids] for _, s in submissions]
-            grads, losses = class_gradients(self.classifier, [s.xhat for _, s in submissions], labels,
-                                            self.microbatch)
+            grads, losses = provider_cut_gradients(self.classifier, [s.xhat for _, s in submissions], labels,
+                                                   self.microbatch)
             for (user, sub), g, loss in zip(submissions, grads, losses):
-                user.pending = Pending(sub.batch, g, loss)
+                user.pending = Pending(sub.batch, self._perturb(g), loss)
                 user.class_losses.append(loss)
-                self.timing["train-images"] += len(sub.ids)
+                self.timing.train_images += len(sub.ids)
+                found[f"user-{user.index}/train-class-loss"] = loss
             self.bar.advance(len(submissions))
             provider_seconds = time.perf_counter() - t0
-            self.timing["provider-compute"] += provider_seconds
-            metrics = MetricRecord({f"user-{u.index}/train-class-loss": loss
-                                    for (u, _), loss in zip(submissions, losses)})
-        self._round = {"images": sum(len(s.ids) for _, s in submissions), "user-compute": user_critical,
-                       "provider-compute": provider_seconds}
-        return None, metrics
+            self.timing.provider_compute += provider_seconds
+        found.update({"round/images": sum(len(s.ids) for _, s in submissions),
+                      "round/user-compute": max(computes, default=0.0), "round/provider-compute": provider_seconds})
+        return None, MetricRecord(found)
+
+    def _accept(self, user: UserTrack, reply: Message | None) -> protocol.Submission | None:
+        """A user's training reply: the step it reached, and its batch if the batch passes validation."""
+        if not self._reply_ok(user, reply):
+            return None
+        expected = user.next_batch()
+        try:
+            user.applied = int(reply.content.config_records[protocol.CONTROL]["step"])
+        except (KeyError, TypeError, ValueError):
+            self._fail(user, "reply refused: control record missing or malformed")
+            return None
+        if user.pending is not None and user.applied > user.pending.step:
+            user.pending = None
+        if user.refused is not None and user.applied > user.refused[0]:
+            user.refused = None
+        try:
+            sub = protocol.validate_submission(reply, user.ids["train"], self.image_shape, self.cfg.batch_size,
+                                               self.cfg.wire)
+            if sub is not None and sub.batch != expected:
+                raise protocol.ProtocolError(f"sent batch {sub.batch}, expected batch {expected}")
+        except protocol.ProtocolError as exc:
+            user.refused = (expected, str(exc))
+            self._fail(user, f"reply refused: {exc}", expected)
+            return None
+        if sub is None and (user.wanted != protocol.NO_INDEX or user.pending is not None):
+            self._fail(user, f"no progress (user at step {user.applied}, provider expects batch {expected})")
+            return None
+        user.failures = 0
+        return sub
+
+    def _perturb(self, grad: torch.Tensor) -> torch.Tensor:
+        """The grad-noise defence: each image's gradient g plus N(0, σ²I), σ = grad-noise·‖g‖/√d (d = its
+        values), so grad-noise = 1 adds noise as large as the gradient itself (measured: results/cpu)."""
+        if not self.cfg.grad_noise:
+            return grad
+        flat = grad.flatten(1)
+        sigma = self.cfg.grad_noise * flat.norm(dim=1, keepdim=True) / math.sqrt(flat.shape[1])
+        noise = torch.randn(flat.shape, generator=self.noise, dtype=flat.dtype)
+        return (flat + sigma * noise).view_as(grad)
 
     def average(self, grid: Grid) -> None:
         """FedAvg of the users' h_θ (weighted by shard size) into one public h_θ, sent back to every user.
@@ -494,19 +547,20 @@ class ProviderStrategy(Strategy):
         users = [u for u in self.users.values() if u.active]
         messages = []
         for user in users:
-            control = {"grad-step": user.pending.step if user.pending else P.NONE, "want": P.NONE, "send-weights": 1}
-            messages.append(self._message(user, P.STEP, control,
-                                          **{P.GRAD: {"grad": user.pending.grad} if user.pending else None}))
+            control = {"grad-step": user.pending.step if user.pending else protocol.NO_INDEX,
+                       "want": protocol.NO_INDEX, "send-weights": 1}
+            messages.append(self._message(user, protocol.STEP, control,
+                                          **{protocol.GRAD: {"grad": user.pending.grad} if user.pending else None}))
         replies = self.exchange(grid, messages, self.cfg.step_timeout, "average")
         states, sizes = [], []
         for user in users:
             reply = replies.get(user.node_id)
-            if not self._reply_ok(user, reply) or P.WEIGHTS not in reply.content.array_records:
+            if not self._reply_ok(user, reply) or protocol.WEIGHTS not in reply.content.array_records:
                 continue
-            user.applied = int(reply.content.config_records[P.CONTROL]["step"])
+            user.applied = int(reply.content.config_records[protocol.CONTROL]["step"])
             if user.pending is not None and user.applied > user.pending.step:
                 user.pending = None
-            states.append(reply.content.array_records[P.WEIGHTS].to_torch_state_dict())
+            states.append(reply.content.array_records[protocol.WEIGHTS].to_torch_state_dict())
             sizes.append(len(user.ids["train"]))
         if not states:
             return
@@ -516,8 +570,8 @@ class ProviderStrategy(Strategy):
             mean = sum(w * st[key].double() for w, st in zip(share, states))
             average[key] = mean.round().to(ref.dtype) if not ref.is_floating_point() else mean.to(ref.dtype)
         self.public_weights = average
-        messages = [self._message(u, P.STEP, {"grad-step": P.NONE, "want": P.NONE}, **{P.WEIGHTS: average})
-                    for u in users if u.pending is None]
+        messages = [self._message(u, protocol.STEP, {"grad-step": protocol.NO_INDEX, "want": protocol.NO_INDEX},
+                                  **{protocol.WEIGHTS: average}) for u in users if u.pending is None]
         for node, reply in self.exchange(grid, messages, self.cfg.step_timeout, "average").items():
             self._reply_ok(self.users[node], reply)
         net = UNet(self.cfg.unet_base, self.cfg.unet_depth, arch=self.cfg.unet_arch)
@@ -527,55 +581,50 @@ class ProviderStrategy(Strategy):
         log.info("FedAvg of %d users' h_θ → %s", len(states), Path(self.cfg.run_dir) / "public_transform_net.pt")
 
     def evaluate(self, grid: Grid, phase: str) -> dict[UserTrack, dict]:
-        """Validation (ψ's per-sample cross-entropy back) or test (right/wrong back), one chunk per round."""
-        self._eval = {"phase": phase, "progress": {u.node_id: 0 for u in self.users.values() if u.active},
-                      "done": {}}
-        self._eval["results"] = {n: None for n in self._eval["progress"]}
+        """Validation (ψ's per-sample cross-entropy back) or test (right/wrong back), one chunk per round;
+        returns each user's metrics."""
+        for user in self.users.values():
+            user.evaluation = EvalPass(phase) if user.active else None
         server_round = 0
-        while self._eval["progress"]:
+        while any(u.evaluation is not None and u.evaluation.metrics is None for u in self.users.values()):
             server_round += 1
-            messages = list(self.configure_evaluate(server_round, ArrayRecord(), ConfigRecord({"phase": phase}), grid))
+            messages = self.configure_evaluate(server_round, ArrayRecord(), ConfigRecord({"phase": phase}), grid)
             replies = self.exchange(grid, messages, self.cfg.step_timeout, phase)
             self.aggregate_evaluate(server_round, replies.values())
-        return self._eval["done"]
+        done = {u: u.evaluation.metrics for u in self.users.values() if u.evaluation and u.evaluation.metrics is not None}
+        for user in self.users.values():
+            user.evaluation = None
+        return done
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                            ) -> list[Message]:
         """One evaluation chunk per user still evaluating: ψ's results for its last chunk, and the next chunk wanted."""
-        phase, chunk, state = str(config["phase"]), self.cfg.eval_chunk, self._eval
-        messages = []
-        for node, k in state["progress"].items():
-            user = self.users[node]
-            n_chunks = math.ceil(len(user.ids[phase]) / chunk)
-            control = {"phase": phase, "want": k if k < n_chunks else P.NONE, "result-chunk": k - 1}
-            messages.append(self._message(user, P.EVAL, control, **{P.RESULT: state["results"][node]}))
+        phase, messages = str(config["phase"]), []
+        for user in self.users.values():
+            e = user.evaluation
+            if e is None or e.metrics is not None or e.phase != phase:
+                continue
+            n_chunks = math.ceil(len(user.ids[phase]) / self.cfg.eval_chunk)
+            control = {"phase": phase, "want": e.chunk if e.chunk < n_chunks else protocol.NO_INDEX,
+                       "result-chunk": e.chunk - 1}
+            messages.append(self._message(user, protocol.EVAL, control, **{protocol.RESULT: e.results}))
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies) -> MetricRecord | None:
         """Check each user's chunk, run ψ once over all of them; a user that has every result answers with its
         metrics (returned as ``user-K/<metric>`` once the user is done)."""
-        state, chunk = self._eval, self.cfg.eval_chunk
-        phase, progress, results = state["phase"], state["progress"], state["results"]
         by_node = {r.metadata.src_node_id: r for r in replies}
         batch, finished = [], {}
-        for node in list(progress):
-            user = self.users[node]
-            reply = by_node.get(node)
-            if not self._reply_ok(user, reply):
-                if not user.active:
-                    progress.pop(node)
+        for node, user in self.users.items():
+            e = user.evaluation
+            if e is None or e.metrics is not None:
                 continue
-            try:
-                sub = P.validate_submission(reply, user.ids[phase], self.image_shape, chunk)
-            except P.ProtocolError as exc:
-                self._fail(user, f"{phase} reply refused: {exc}")
-                if not user.active:
-                    progress.pop(node)
-                continue
-            user.failures = 0
-            if sub is None:  # the user has all results and answered with its metrics
-                finished[user] = state["done"][user] = dict(reply.content.metric_records.get(P.METRICS, {}))
-                progress.pop(node)
+            ok, sub = self._accept_chunk(user, by_node.get(node))
+            if not ok:
+                if not user.active:  # dropped for good: it leaves the pass
+                    user.evaluation = None
+            elif sub is None:  # every result in: the user answered with its metrics
+                e.metrics = finished[user] = dict(by_node[node].content.metric_records.get(protocol.METRICS, {}))
             else:
                 batch.append((user, sub))
         if batch:
@@ -583,23 +632,33 @@ class ProviderStrategy(Strategy):
             with torch.no_grad():
                 device = next(self.classifier.parameters()).device
                 logits = self.classifier(torch.cat([s.xhat for _, s in batch]).to(device)).cpu()
-            start = 0
-            for user, sub in batch:
-                part = logits[start:start + len(sub.ids)]
-                start += len(sub.ids)
-                if phase == "val":
+            for (user, sub), part in zip(batch, torch.split(logits, [len(s.ids) for _, s in batch])):
+                if user.evaluation.phase == "val":
                     ce = torch.nn.functional.cross_entropy(part, self.train_labels[sub.ids], reduction="none")
-                    results[user.node_id] = {"ce": ce.float()}
-                else:
-                    # only right/wrong goes back: the user needs no labels to know its accuracy
-                    results[user.node_id] = {"correct": (part.argmax(1) == self.test_labels[sub.ids]).to(torch.uint8)}
-                progress[user.node_id] += 1
-            self.timing["provider-compute"] += time.perf_counter() - t0
+                    user.evaluation.results = {"ce": ce.float()}
+                else:  # only right/wrong goes back: the user needs no labels to know its accuracy
+                    user.evaluation.results = {"correct": (part.argmax(1) == self.test_labels[sub.ids]).to(torch.uint8)}
+                user.evaluation.chunk += 1
+            self.timing.provider_compute += time.perf_counter() - t0
         return MetricRecord(self._per_user(finished)) if finished else None
+
+    def _accept_chunk(self, user: UserTrack, reply: Message | None) -> tuple[bool, protocol.Submission | None]:
+        """(whether a user's evaluation reply counts, its next chunk — None when it carries the user's metrics)."""
+        if not self._reply_ok(user, reply):
+            return False, None
+        phase = user.evaluation.phase
+        try:
+            sub = protocol.validate_submission(reply, user.ids[phase], self.image_shape, self.cfg.eval_chunk,
+                                               self.cfg.wire)
+        except protocol.ProtocolError as exc:
+            self._fail(user, f"{phase} reply refused: {exc}")
+            return False, None
+        user.failures = 0
+        return True, sub
 
     def run_summary(self, wall: float) -> dict:
         """What run.json holds: config, timing, rounds and every user's curves, drops, rejoins and results."""
-        t = self.timing
+        t = self.timing.to_json()
         return {
             "config": self.cfg.to_run_config(),
             "wall-seconds": wall,

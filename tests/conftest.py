@@ -71,14 +71,15 @@ def two_user_run(tmp_path_factory, classifier_ckpt):
     """A finished 2-user Flower simulation (tiny), with every message recorded: (log, run_dir)."""
     from tests.test_flower_app import TINY
     from pp_flower.config import AppConfig
-    from sims.flower_simulation import simulate
-    from sims.main import client_app, make_server_app
+    from runtime.flower_simulation import simulate
+    from sims.main import client_app, make_server_app, start_trainers
 
     run_dir = tmp_path_factory.mktemp("two-users") / "run"
     log = []
     config = AppConfig.from_run_config({**TINY, "classifier": str(classifier_ckpt), "run-dir": str(run_dir),
                                         "epochs": 1}).to_run_config()
-    simulate(make_server_app(lambda direction, msg: log.append((direction, msg))), client_app, 2, config)
+    simulate(make_server_app(lambda direction, msg: log.append((direction, msg))), client_app, 2, config,
+             start_trainers=start_trainers)
     return log, run_dir
 
 

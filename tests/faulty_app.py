@@ -6,7 +6,7 @@ from pathlib import Path
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from pp_flower import protocol as P
+from pp_flower import protocol
 from sims import main as real
 
 MARKER_DIR = ""  # set by the test; the module travels to Ray workers by value, this value with it
@@ -27,13 +27,13 @@ def _once(context: Context, name: str) -> bool:
 @app.train("step")
 def step(msg: Message, context: Context) -> Message:
     index = int(context.state.config_records[real.S_USER]["index"])
-    want = int(msg.content.config_records[P.CONTROL]["want"])
+    want = int(msg.content.config_records[protocol.CONTROL]["want"])
     if index == 1 and want == 2 and _once(context, "raise"):
         raise RuntimeError("injected failure")
     reply = real.relay(msg, context, "step")
-    if index == 0 and reply.content.config_records[P.CONTROL]["batch"] == 1 and _once(context, "nan"):
-        record = reply.content.array_records[P.PROTECTED]
+    if index == 0 and reply.content.config_records[protocol.CONTROL]["batch"] == 1 and _once(context, "nan"):
+        record = reply.content.array_records[protocol.PROTECTED]
         xhat = record["xhat"].numpy().copy()
         xhat[0, 0, 0, 0] = float("nan")
-        record["xhat"] = P.tensor_array(xhat)
+        record["xhat"] = protocol.tensor_array(xhat)
     return reply

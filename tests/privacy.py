@@ -28,12 +28,11 @@ def plain_image_hits_in(named_arrays, plain_images: torch.Tensor, tol: float = 2
         if data.numel() < size:
             continue
         chunks = data[: data.numel() // size * size].view(-1, size)
-        if chunks.dtype == torch.uint8:
-            if any(bytes(c.numpy().tobytes()) in keys for c in chunks):
-                hits.append(name)
+        if chunks.dtype == torch.uint8 and any(bytes(c.numpy().tobytes()) in keys for c in chunks):
+            hits.append(name)
             continue
-        as_float = chunks.double()
-        scaled = as_float if as_float.abs().max() <= 1.5 else as_float / 255.0
+        as_float = chunks.double()  # an 8-bit image near a plain one counts too, not only an exact copy
+        scaled = as_float / 255.0 if chunks.dtype == torch.uint8 or as_float.abs().max() > 1.5 else as_float
         dist = torch.cdist(scaled.float(), flat_plain.float() / 255.0, p=float("inf"))
         if (dist < tol).any():
             hits.append(name)

@@ -24,7 +24,7 @@ TINY_FLAGS = {  # per command: flags set to these values (added when absent)
     "deploy-local": {"--users": "2"},
     "curve": {"--steps": "4", "--eval-every": "2", "--eval-images": "16", "--unet-base": "4", "--batch-size": "16"},
 }
-MODULES = {"ppflower": "sims.cli", "flower-simulation": "sims.flower_simulation"}
+MODULES = {"ppflower": "cli.ppflower", "flower-simulation": "runtime.flower_simulation"}
 
 
 def _set(args: list[str], flag: str, value: str) -> list[str]:
@@ -61,12 +61,12 @@ def main() -> int:
 
 def _tiny_demo(args: list[str]) -> int:
     """``ppflower demo`` with the demo's budget made tiny (its stages and report unchanged)."""
-    import sims.demo as demo
+    import experiments.demo as demo
 
     demo.CLASSIFIER.update(epochs=1, limit_train=256, limit_eval=64)
     demo.SIMULATION.update({**TINY_RUN_CONFIG, "limit-train": 128, "epochs": 1})
     demo.ATTACK.update(epochs=1, batch_size=64, unet_base=4, limit_train=128, limit_eval=32)
-    from sims.cli import main as cli_main
+    from cli.ppflower import main as cli_main
 
     sys.argv = ["ppflower", *args]
     print(f"[readme] ppflower {' '.join(args)} (tiny budget)", flush=True)

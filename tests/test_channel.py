@@ -10,7 +10,7 @@ from multiprocessing.connection import Client
 
 import pytest
 
-from pp_flower import protocol as P
+from pp_flower import protocol
 from pp_flower.channel import TrainerClient, TrainerServer, make_secret, owner_only_socket
 from tests.test_live_users import _meta
 
@@ -52,11 +52,11 @@ def test_channel_refuses_a_message_for_another_user_and_an_unknown_call(served, 
     client = TrainerClient(server.path, secret, 120)
     info = client.setup("key-0", _meta(tmp_path, 0), ids, False)
     assert info["n-train"] == 16 and info["step"] == 0
-    reply = client.call("key-0", 0, "step", {"grad-step": P.NONE, "want": 0}, {})
+    reply = client.call("key-0", 0, "step", {"grad-step": protocol.NO_INDEX, "want": 0}, {})
     assert reply["protected"]["xhat"].shape == (16, 3, 32, 32)
     with pytest.raises(RuntimeError, match="refused: a message for user 1 carried user 0's key"):
-        client.call("key-0", 1, "step", {"grad-step": P.NONE, "want": 0}, {})
-    with pytest.raises(RuntimeError, match=P.NOT_SET_UP):
-        client.call("someone-elses-key", 0, "step", {"grad-step": P.NONE, "want": 0}, {})
+        client.call("key-0", 1, "step", {"grad-step": protocol.NO_INDEX, "want": 0}, {})
+    with pytest.raises(RuntimeError, match=protocol.NOT_SET_UP):
+        client.call("someone-elses-key", 0, "step", {"grad-step": protocol.NO_INDEX, "want": 0}, {})
     with pytest.raises(RuntimeError, match="unknown call"):
         client.request("_user", "key-0")  # private methods are not callable over the channel

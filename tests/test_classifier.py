@@ -16,7 +16,7 @@ ARGS = ["--model", "resnet20", "--epochs", "2", "--limit-train", "384", "--limit
 
 
 def _cli(out, *extra):
-    return [sys.executable, "-m", "sims.cli", "train-classifier", *ARGS, "--out", str(out), *extra]
+    return [sys.executable, "-m", "cli.ppflower", "train-classifier", *ARGS, "--out", str(out), *extra]
 
 
 def test_train_classifier_writes_checkpoint_and_metrics(classifier_ckpt):

@@ -77,7 +77,7 @@ def test_missing_and_malformed_data_dirs(tmp_path):
 
 
 def test_cli_reports_missing_data_without_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "sims.cli", "train-classifier", "--epochs", "1",
+    proc = subprocess.run([sys.executable, "-m", "cli.ppflower", "train-classifier", "--epochs", "1",
                            "--data-dir", str(tmp_path / "nowhere")], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "does not exist" in proc.stderr and "PPFLOWER_DATA_DIR" in proc.stderr

@@ -1,5 +1,5 @@
 """The app on Flower's Deployment Engine: SuperLink + SuperNodes as real processes on loopback, TLS and
-SuperNode authentication on (sims.deploy_local, the code behind `ppflower deploy-local`)."""
+SuperNode authentication on (runtime.deploy_local, the code behind `ppflower deploy-local`)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from sims.deploy_local import LocalDeployment, make_node_key
+from runtime.deploy_local import LocalDeployment, make_node_key
 from tests.test_flower_app import TINY
 
 
@@ -60,7 +60,7 @@ def test_tls_and_auth_run_completes_and_unregistered_nodes_are_refused(tmp_path,
     assert refused["keyless"][0] not in (None, 0) and "All SuperNodes must be registered" in refused["keyless"][1]
     assert "ApiError:2004" in superlink_log and "ApiError:2001" in superlink_log
     assert len(listing["nodes"]) == 2, listing  # only the two registered users' nodes exist
-    # ppflower-supernode forked each message's ClientApp process from its pre-imported template (sims.superexec):
+    # ppflower-supernode forked each message's ClientApp process from its pre-imported template (runtime.superexec):
     # setup, 2 steps + the last gradient, validation and test are ≥ 6 messages per user
     assert all(log.count("started warm") >= 6 for log in node_logs), [log.count("started warm") for log in node_logs]
 
@@ -108,7 +108,7 @@ def test_killed_supernode_is_dropped_and_rejoins_after_restart(tmp_path, classif
 
 def _trainer_pid(dep, name: str) -> int | None:
     """The pid of the user trainer (sims.trainer) that the SuperNode ``name`` started."""
-    from sims.deploy_local import descendants
+    from runtime.deploy_local import descendants
 
     for pid in descendants(dep.processes[name].pid):
         try:
@@ -130,8 +130,8 @@ def test_killed_trainer_is_restarted_and_the_user_replays_to_a_fault_free_runs_w
 
     from pp_flower.checkpoints import load_transform_net
     from pp_flower.config import AppConfig
-    from sims.flower_simulation import simulate
-    from sims.main import client_app, server_app
+    from runtime.flower_simulation import simulate
+    from sims.main import client_app, server_app, start_trainers
 
     overrides = {"limit-train": 192, "epochs": 1, "checkpoint-every": 2, "max-failures": 20, "keep-graph": "keep"}
     config = _run_config(classifier_ckpt, tmp_path / "provider", **overrides)
@@ -161,7 +161,7 @@ def test_killed_trainer_is_restarted_and_the_user_replays_to_a_fault_free_runs_w
 
     sim_config = AppConfig.from_run_config({**_run_config(classifier_ckpt, tmp_path / "sim", **overrides),
                                             "min-users": 0}).to_run_config()
-    simulate(server_app, client_app, 2, sim_config)
+    simulate(server_app, client_app, 2, sim_config, start_trainers=start_trainers)
     for path in (tmp_path / "dep" / "nodes").glob("supernode-*/final.pt"):
         got, blob = load_transform_net(path)
         index = json.loads((path.parent / "metrics.json").read_text())["user"]
@@ -178,7 +178,7 @@ def test_deploy_local_stops_every_process_on_ctrl_c(tmp_path, classifier_ckpt):
     import sys
 
     workdir = tmp_path / "dep"
-    argv = [sys.executable, "-m", "sims.cli", "deploy-local", "--users", "2", "--workdir", str(workdir),
+    argv = [sys.executable, "-m", "cli.ppflower", "deploy-local", "--users", "2", "--workdir", str(workdir),
             "--run-config", f'classifier="{classifier_ckpt}" limit-train=48 batch-size=16 unet-base=4 unet-depth=2']
     tmp = tmp_path / "tmp"  # where every process it starts makes its temporary directories (a node's secret…)
     tmp.mkdir()
@@ -205,14 +205,14 @@ def test_deploy_local_stops_every_process_on_ctrl_c(tmp_path, classifier_ckpt):
 
 
 def test_warm_template_forks_flowers_clientapp_entry_point_with_the_given_arguments():
-    """sims.superexec's template: one forked `flwr-clientapp` per request line, Flower's own entry point, then EOF
+    """runtime.superexec's template: one forked `flwr-clientapp` per request line, Flower's own entry point, then EOF
     ends the template (the SuperExec is gone)."""
     import os
     import subprocess
     import sys
 
     env = {**os.environ, "PPFLOWER_WARM_PRELOAD": "flwr.supernode.cli.flwr_clientapp"}
-    proc = subprocess.Popen([sys.executable, "-m", "sims.superexec", "--template"], env=env, text=True,
+    proc = subprocess.Popen([sys.executable, "-m", "runtime.superexec", "--template"], env=env, text=True,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout.readline().strip() == "ready"
     proc.stdin.write('["--help"]\n')
@@ -228,7 +228,7 @@ def test_hung_trainer_is_killed_and_restarted_by_its_supernode():
     import os
 
     from pp_flower.channel import TrainerClient
-    from sims.supernode import TrainerSupervisor
+    from runtime.supernode import TrainerSupervisor
 
     sup = TrainerSupervisor(hang_timeout=1.0, check_every=0.2)
     sup.start()

@@ -14,7 +14,8 @@ from pp_flower.checkpoints import load_classifier, load_transform_net
 from pp_flower.config import AppConfig, format_run_config
 from pp_flower.features import load_feature_net
 from pp_flower.reference import train_in_process
-from sims.flower_simulation import simulate
+from runtime.flower_simulation import simulate
+from sims.main import start_trainers  # flower-simulation's hook: the users' trainer actors, made before the run
 from tests import privacy
 
 TINY = {"limit-train": 48, "batch-size": 16, "unet-base": 4, "unet-depth": 2, "limit-eval": 20, "eval-chunk": 10,
@@ -26,14 +27,17 @@ def _config(tmp_path, classifier_ckpt, **overrides):
     return AppConfig.from_run_config(cfg).to_run_config()
 
 
-@pytest.mark.parametrize("keep_graph", ["keep", "recompute"])
-def test_flower_steps_equal_in_process_steps(tmp_path, classifier_ckpt, splits, vgg_weights, keep_graph):
+@pytest.mark.parametrize("keep_graph,wire", [("keep", "uint8"), ("recompute", "uint8"), ("keep", "float32")])
+def test_flower_steps_equal_in_process_steps(tmp_path, classifier_ckpt, splits, vgg_weights, keep_graph, wire):
     """k = 6 SGD steps (2 epochs × 3) of h_θ through the Flower app equal the in-process L_trans loop, whether the
-    live user keeps each batch's autograd graph until its gradient arrives or recomputes the forward pass."""
+    live user keeps each batch's autograd graph until its gradient arrives or recomputes the forward pass, and
+    whichever way x̂ travels (the in-process loss feeds ψ what the provider gets on that wire)."""
     from sims.main import client_app, server_app
+    from pp_flower.wire import provider_view
 
-    run_config = _config(tmp_path, classifier_ckpt, epochs=2, augment=False, **{"keep-graph": keep_graph})
-    simulate(server_app, client_app, 1, run_config)
+    run_config = _config(tmp_path, classifier_ckpt, epochs=2, augment=False, wire=wire,
+                         **{"keep-graph": keep_graph})
+    simulate(server_app, client_app, 1, run_config, start_trainers=start_trainers)
     flower_net, blob = load_transform_net(tmp_path / "run" / "user-0" / "final.pt")
     cfg = AppConfig.from_run_config(run_config)
     classifier, _ = load_classifier(classifier_ckpt)
@@ -68,16 +72,17 @@ def test_flower_steps_equal_in_process_steps(tmp_path, classifier_ckpt, splits, 
     with torch.no_grad():
         ref_net.eval()
         xhat = ref_net(x_val)
-        expected = class_loss(classifier(xhat), splits.train_all.labels[splits.val_ids[:20]]) \
+        expected = class_loss(classifier(provider_view(xhat, wire)), splits.train_all.labels[splits.val_ids[:20]]) \
             - cfg.alpha * feature_loss(phi(xhat), phi(x_val))
     assert run["users"][0]["val"][-1]["val-transform-loss"] == pytest.approx(expected.item(), rel=1e-4, abs=1e-5)
     best, _ = load_transform_net(tmp_path / "run" / "user-0" / "best.pt")
     x_test = to_float(splits.test_all.images[splits.test_ids[:20]])
     with torch.no_grad():
-        protected = best(x_test)
+        protected = provider_view(best(x_test), wire)
         accuracy = (classifier(protected).argmax(1) == splits.test_all.labels[splits.test_ids[:20]]).double().mean()
     metrics = json.loads((tmp_path / "run" / "user-0" / "metrics.json").read_text())
     assert metrics["graph-mode"] == {"keep": "kept", "recompute": "recomputed"}[keep_graph]
+    assert metrics["wire"] == run["config"]["wire"] == wire
     assert metrics["test-accuracy"] == pytest.approx(accuracy.item())
     assert metrics["protected-psnr"]["mean"] == pytest.approx(psnr(protected, x_test).mean().item(), rel=1e-4)
 
@@ -102,6 +107,8 @@ def test_privacy_audit_on_every_message(two_user_run, splits, classifier_ckpt):
         assert privacy.plain_image_hits(msg, plain) == []
         assert privacy.label_hits(msg, labels_of) == []
         n_images += sum(a.shape[0] for _, a in privacy.arrays(msg) if len(a.shape) == 4)
+        # the default wire: x̂ travels as an 8-bit image, nothing finer (docs/threat-model.md)
+        assert all(a.dtype == "uint8" for _, a in privacy.arrays(msg) if len(a.shape) == 4)
     assert n_images >= 48 + 2 * 40  # the audit really saw protected training, validation and test images
     sent_ids = _ids_sent_by_node(to_provider)
     assert all(len(batches) > 5 for batches in sent_ids.values())
@@ -143,27 +150,27 @@ def test_audit_flags_labels_planted_in_real_messages_to_users(two_user_run, spli
     a config list, with no ids in the message."""
     from flwr.app import Message
 
-    from pp_flower import protocol as P
+    from pp_flower import protocol
 
     log, _ = two_user_run
     sent_ids = _ids_sent_by_node([m for d, m in log if d == "to-provider"])
     labels_of = {int(i): int(splits.test_all.labels[i]) for i in splits.test_ids[:20]}
     # the last test result sent to a user answers the last test chunk that user sent
-    msg = [m for d, m in log if d == "to-users" and P.RESULT in m.content.array_records
-           and "correct" in m.content.array_records[P.RESULT]][-1]
+    msg = [m for d, m in log if d == "to-users" and protocol.RESULT in m.content.array_records
+           and "correct" in m.content.array_records[protocol.RESULT]][-1]
     node = msg.metadata.dst_node_id
-    correct = torch.from_numpy(msg.content.array_records[P.RESULT]["correct"].numpy().copy())
+    correct = torch.from_numpy(msg.content.array_records[protocol.RESULT]["correct"].numpy().copy())
     ids = next(b for b in reversed(sent_ids[node]) if len(b) == len(correct))
     truth = torch.tensor([labels_of[int(i)] for i in ids])
     assert privacy.label_hits(msg, labels_of, sent_ids[node]) == []  # the real message is clean
     plants = {"int64": truth, "float32": truth.float(), "uint8": truth.to(torch.uint8),
               "one-hot": torch.nn.functional.one_hot(truth, 10).float()}
     for kind, leak in plants.items():
-        content = P.make_content(control=dict(msg.content.config_records[P.CONTROL]),
+        content = protocol.make_content(control=dict(msg.content.config_records[protocol.CONTROL]),
                                  result={"correct": correct, "labels": leak})
         planted = Message(content=content, dst_node_id=node, message_type="evaluate.chunk")
         assert privacy.label_hits(planted, labels_of, sent_ids[node]) == ["labels"], kind
-    listed = Message(content=P.make_content(control={"labels": truth.tolist()}), dst_node_id=node,
+    listed = Message(content=protocol.make_content(control={"labels": truth.tolist()}), dst_node_id=node,
                      message_type="evaluate.chunk")
     assert privacy.label_hits(listed, labels_of, sent_ids[node]) == ["labels"]
 
@@ -172,17 +179,17 @@ def test_audit_checks_can_fail(splits, classifier_ckpt):
     """Positive controls: the audit's checks flag a plain image, a label vector and a ψ tensor."""
     from flwr.app import Message
 
-    from pp_flower import protocol as P
+    from pp_flower import protocol
 
     ids = splits.train_ids[:8]
     plain = splits.train_all.images[ids]
-    leaky = P.make_content(control={"step": 0, "batch": 0},
+    leaky = protocol.make_content(control={"step": 0, "batch": 0},
                            protected={"xhat": plain.float() / 255, "ids": ids, "y": splits.train_all.labels[ids]})
     msg = Message(content=leaky, dst_node_id=1, message_type="train.step")
     assert privacy.plain_image_hits(msg, plain) == ["xhat"]
     assert privacy.label_hits(msg, {int(i): int(splits.train_all.labels[i]) for i in ids}) == ["y"]
     psi = load_classifier(classifier_ckpt)[0].state_dict()
-    leak = P.make_content(grad={"grad": torch.cat([torch.rand(10), psi["fc.weight"].flatten()])})
+    leak = protocol.make_content(grad={"grad": torch.cat([torch.rand(10), psi["fc.weight"].flatten()])})
     assert privacy.parameter_hits(Message(content=leak, dst_node_id=1, message_type="train.step"), psi) == [
         "fc.weight"]
 
@@ -195,7 +202,8 @@ def test_faulty_user_is_dropped_for_a_step_and_malformed_reply_refused(tmp_path,
 
     faulty_app.MARKER_DIR = str(tmp_path / "markers")
     ray.cloudpickle.register_pickle_by_value(faulty_app)  # Ray workers get the module by value
-    simulate(server_app, faulty_app.app, 2, _config(tmp_path, classifier_ckpt, **{"limit-train": 96}))
+    simulate(server_app, faulty_app.app, 2, _config(tmp_path, classifier_ckpt, **{"limit-train": 96}),
+             start_trainers=start_trainers)
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     user0, user1 = run["users"]
     assert any("injected failure" in reason for _, reason in user1["dropped-steps"])
@@ -207,7 +215,7 @@ def test_faulty_user_is_dropped_for_a_step_and_malformed_reply_refused(tmp_path,
 
 
 def _flower_simulation(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "sims.flower_simulation", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "runtime.flower_simulation", *args], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, "PYTHONPATH": os.getcwd()})
 
 
@@ -243,7 +251,8 @@ def test_fedavg_gives_every_user_the_public_transform_net(tmp_path, classifier_c
     from sims.main import client_app, server_app
 
     simulate(server_app, client_app, 2, _config(tmp_path, classifier_ckpt, aggregate="fedavg",
-                                                **{"aggregate-every": 2, "limit-train": 64}))
+                                                **{"aggregate-every": 2, "limit-train": 64}),
+             start_trainers=start_trainers)
     public, _ = load_transform_net(tmp_path / "run" / "public_transform_net.pt")
     users = [load_transform_net(tmp_path / "run" / f"user-{k}" / "final.pt")[0] for k in (0, 1)]
     for name, value in public.state_dict().items():
@@ -286,7 +295,7 @@ def test_flwr_run_dot_runs_the_same_app(tmp_path, classifier_ckpt):
     from sims.main import client_app, server_app
 
     simulate(server_app, client_app, 2, AppConfig.from_run_config({**values, "run-dir": str(tmp_path / "sim")})
-             .to_run_config())
+             .to_run_config(), start_trainers=start_trainers)
     for k in (0, 1):
         got = load_transform_net(tmp_path / "run" / f"user-{k}" / "final.pt")[0].state_dict()
         ref = load_transform_net(tmp_path / "sim" / f"user-{k}" / "final.pt")[0].state_dict()

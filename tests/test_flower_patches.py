@@ -1,4 +1,4 @@
-"""The deployment patches of flwr 1.42 internals (sims/flower_patches.py): they change what they say, and only that."""
+"""The deployment patches of flwr 1.42 internals (runtime/flower_patches.py): they change what they say, and only that."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from sims import flower_patches as fp
+from runtime import flower_patches as fp
 
 
 def test_object_pulls_retry_after_milliseconds_with_the_same_deadline():

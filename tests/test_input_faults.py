@@ -23,7 +23,7 @@ QUIET = lambda *a, **k: None  # noqa: E731
 
 def _cli(*args, env=None, timeout=1200):
     """``ppflower ARGS`` as a user runs it (a subprocess): (exit code, stdout, stderr)."""
-    proc = subprocess.run([sys.executable, "-m", "sims.cli", *map(str, args)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "cli.ppflower", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
     return proc.returncode, proc.stdout, proc.stderr
 
@@ -124,7 +124,7 @@ def test_kind6_attack_results_are_keyed_by_the_data(tmp_path):
 
 
 def test_kind6_reproduce_does_not_report_a_stage_done_on_another_data_set(tiny, tmp_path):
-    from sims.reproduce import PRESETS, Reproduction
+    from experiments.reproduce import PRESETS, Reproduction
 
     preset = PRESETS["smoke"]
     from dataclasses import replace
@@ -152,7 +152,7 @@ def test_kind7_run_config_text_that_is_not_key_value_is_refused(text, piece):
 
 
 def test_kind7_flower_simulation_refuses_dropped_text_in_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "sims.flower_simulation", "--num-supernodes", "1", "--run-config",
+    proc = subprocess.run([sys.executable, "-m", "runtime.flower_simulation", "--num-supernodes", "1", "--run-config",
                            f'epochs=2 alpha= 0.05 run-dir="{tmp_path / "run"}"'], capture_output=True, text=True,
                           cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=1200)
     assert proc.returncode == 2
@@ -182,7 +182,7 @@ def test_kind7_run_config_values_are_typed_and_range_checked(values, message):
 def test_kind7_cli_numbers_are_range_checked_before_any_work(tiny, tmp_path, args, needle):
     from typer.testing import CliRunner
 
-    from sims.cli import app
+    from cli.ppflower import app
 
     out = tmp_path / "c"
     result = CliRunner().invoke(app, ["train-classifier", "--epochs", "1", "--batch-size", "4", "--data-dir",
@@ -218,8 +218,8 @@ def test_kind7_provider_device_is_checked_in_preflight(tiny, tmp_path):
 
 def test_kind7_one_device_rule():
     """The auto-device rule is written once (pp_flower.config.resolve_device)."""
-    hits = [p for p in [*ROOT.glob("pp_flower/**/*.py"), *ROOT.glob("sims/*.py"), *ROOT.glob("strategies/*.py")]
-            if '"cuda" if torch.cuda.is_available()' in p.read_text()]
+    hits = [p for package in ("pp_flower", "strategies", "sims", "runtime", "experiments", "cli")
+            for p in ROOT.glob(f"{package}/**/*.py") if '"cuda" if torch.cuda.is_available()' in p.read_text()]
     assert hits == [], hits
 
 

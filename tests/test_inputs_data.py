@@ -68,7 +68,7 @@ def _one_line(exc: pytest.ExceptionInfo) -> str:
 
 
 def _cli(*args, env=None, timeout=900):  # seconds here; minutes on a 2-core box shared with training runs
-    return subprocess.run([sys.executable, "-m", "sims.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "cli.ppflower", *map(str, args)], capture_output=True, text=True,
                           cwd=ROOT, timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
 
 

@@ -26,15 +26,15 @@ def test_killed_trainer_resumes_and_replays_to_a_fault_free_runs_weights(tmp_pat
     replays the steps after them, and every user's final h_θ equals the fault-free run's (max |Δθ| < 1e-6)."""
     import ray
 
-    from sims.flower_simulation import simulate
-    from sims.main import client_app, server_app
+    from runtime.flower_simulation import simulate
+    from sims.main import client_app, server_app, start_trainers
 
     def config(name):
         return AppConfig.from_run_config({**TINY, "classifier": str(classifier_ckpt), "run-dir": str(tmp_path / name),
                                           "limit-train": 192, "checkpoint-every": 2, "max-failures": 20,
                                           "keep-graph": "keep"}).to_run_config()
 
-    simulate(server_app, client_app, 2, config("clean"))
+    simulate(server_app, client_app, 2, config("clean"), start_trainers=start_trainers)
     events = {}
 
     def kill_trainer_after_a_resume_point():
@@ -47,7 +47,7 @@ def test_killed_trainer_resumes_and_replays_to_a_fault_free_runs_weights(tmp_pat
 
     killer = threading.Thread(target=kill_trainer_after_a_resume_point, daemon=True)
     killer.start()  # it waits for the run's first resume point, by which time Ray and the trainers are up
-    simulate(server_app, client_app, 2, config("faulty"))
+    simulate(server_app, client_app, 2, config("faulty"), start_trainers=start_trainers)
     killer.join(timeout=60)
     assert "killed" in events
     faulty = json.loads((tmp_path / "faulty" / "run.json").read_text())
@@ -67,7 +67,7 @@ def _meta(tmp_path, index=0):
 
 
 def test_trainer_refuses_an_unknown_key_and_a_key_for_another_user(tmp_path, splits):
-    from pp_flower import protocol as P
+    from pp_flower import protocol
     from pp_flower.errors import PPFlowerError
     from pp_flower.user import NotSetUp, UserTrainer
 
@@ -75,10 +75,10 @@ def test_trainer_refuses_an_unknown_key_and_a_key_for_another_user(tmp_path, spl
     ids = {"train": splits.train_ids[:16].numpy(), "val": splits.val_ids[:8].numpy(), "test": splits.test_ids[:8].numpy()}
     trainer.setup("key-of-user-0", _meta(tmp_path, 0), ids)
     trainer.setup("key-of-user-1", _meta(tmp_path, 1), ids)
-    want = {"grad-step": P.NONE, "want": 0}
+    want = {"grad-step": protocol.NO_INDEX, "want": 0}
     reply = trainer.call("key-of-user-0", 0, "step", want)
     assert reply["control"]["batch"] == 0 and reply["protected"]["xhat"].shape == (16, 3, 32, 32)
-    with pytest.raises(NotSetUp, match=P.NOT_SET_UP):  # a guessed key reaches nobody
+    with pytest.raises(NotSetUp, match=protocol.NOT_SET_UP):  # a guessed key reaches nobody
         trainer.call("not-a-key", 0, "step", want)
     with pytest.raises(PPFlowerError, match="refused: a message for user 1 carried user 0's key"):
         trainer.call("key-of-user-0", 1, "step", want)
@@ -89,7 +89,7 @@ def test_trainer_refuses_an_unknown_key_and_a_key_for_another_user(tmp_path, spl
 
 def test_kept_graph_and_recomputed_forward_give_the_same_step(tmp_path, splits):
     """The same gradient applied through a kept graph and through a recomputed forward pass: identical θ and BN."""
-    from pp_flower import protocol as P
+    from pp_flower import protocol
     from pp_flower.user import UserTrainer
 
     ids = {"train": splits.train_ids[:16].numpy(), "val": splits.val_ids[:8].numpy(), "test": splits.test_ids[:8].numpy()}
@@ -98,10 +98,10 @@ def test_kept_graph_and_recomputed_forward_give_the_same_step(tmp_path, splits):
     for mode in ("keep", "recompute"):
         trainer = UserTrainer(num_threads=1)
         trainer.setup("k", {**_meta(tmp_path), "keep-graph": mode}, ids)
-        trainer.call("k", 0, "step", {"grad-step": P.NONE, "want": 0})
-        trainer.call("k", 0, "step", {"grad-step": 0, "want": P.NONE}, {P.GRAD: {"grad": grad}})
+        trainer.call("k", 0, "step", {"grad-step": protocol.NO_INDEX, "want": 0})
+        trainer.call("k", 0, "step", {"grad-step": 0, "want": protocol.NO_INDEX}, {protocol.GRAD: {"grad": grad}})
         user = trainer.users["k"]
-        assert user.graph_mode == {"keep": "kept", "recompute": "recomputed"}[mode] and user.progress["step"] == 1
+        assert user.graph_mode == {"keep": "kept", "recompute": "recomputed"}[mode] and user.progress.step == 1
         nets[mode] = {k: v.clone() for k, v in user.net.state_dict().items()}
     for name, value in nets["keep"].items():
         assert torch.allclose(value.double(), nets["recompute"][name].double(), rtol=1e-6, atol=1e-7), name

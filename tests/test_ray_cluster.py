@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sims.deploy_local import free_port
+from runtime.deploy_local import free_port
 from pp_flower.config import format_run_config
 from tests.test_flower_app import TINY
 
@@ -50,7 +50,7 @@ def test_simulation_runs_on_a_separately_started_ray_head(tmp_path, classifier_c
         run_dir = driver / "runs" / "sim"
         rc = format_run_config({**TINY, "classifier": str(classifier_ckpt), "run-dir": "runs/sim", "epochs": 1})
         root = Path(__file__).resolve().parents[1]
-        sim = subprocess.Popen([sys.executable, "-m", "sims.flower_simulation", "--num-supernodes", "2",
+        sim = subprocess.Popen([sys.executable, "-m", "runtime.flower_simulation", "--num-supernodes", "2",
                                 "--ray-address", f"127.0.0.1:{port}", "--run-config", rc],
                                env={**env, "PYTHONPATH": str(root)}, cwd=driver, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)

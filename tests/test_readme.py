@@ -84,3 +84,86 @@ def test_the_shrinker_keeps_the_command_and_changes_only_the_budget(program, arg
     from tests.readme_commands import shrink
 
     assert shrink(program, args) == expected
+
+
+# ------------------------------------------------------------------------------- the Configuration section
+
+CODE_DIRS = ("pp_flower", "strategies", "sims", "runtime", "experiments", "cli", "benchmarks", "tests")
+
+
+def readme_section(title: str) -> str:
+    """The README's ``## title`` section, up to the next ``## `` heading."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end > 0 else None]
+
+
+def table_rows(section: str) -> dict[str, list[str]]:
+    """Markdown table rows of ``section`` by their first cell's backticked names (``| `a`, `b` | …`` → a, b)."""
+    rows = {}
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            for name in re.findall(r"`([^`]+)`", cells[0]):
+                rows[name] = cells
+    return rows
+
+
+def toml_value(value) -> str:
+    """A default as one writes it in a run config (and in pyproject.toml)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value) if isinstance(value, str) else repr(value)
+
+
+def test_the_readme_lists_every_run_config_key_with_its_default():
+    from dataclasses import fields
+
+    from pp_flower.config import AppConfig
+
+    rows = table_rows(readme_section("Configuration").split("### Node config")[0])
+    missing = [k for k in AppConfig.keys() if k not in rows]
+    assert not missing, f"run-config keys missing from the README's Configuration section: {missing}"
+    wrong = {f.name.replace("_", "-"): (rows[f.name.replace("_", "-")][1], toml_value(f.default))
+             for f in fields(AppConfig) if rows[f.name.replace("_", "-")][1].strip("`") != toml_value(f.default)}
+    assert not wrong, f"README default (shown, actual) differs: {wrong}"
+    stale = [k for k in rows if k not in AppConfig.keys()]
+    assert not stale, f"the README's run-config table lists keys AppConfig does not have: {stale}"
+
+
+def test_the_readme_lists_every_node_config_key_and_environment_variable():
+    section = readme_section("Configuration")
+    sources = [p for d in CODE_DIRS for p in (ROOT / d).rglob("*") if p.suffix in (".py", ".sh")
+               and "__pycache__" not in p.parts]
+    code = {p: p.read_text() for p in sources}
+    # every PPFLOWER_* name the code uses (a name ending in "_" is a prefix: PPFLOWER_TEST_SESSION_<uuid>)
+    variables = {v for text in code.values() for v in re.findall(r"PPFLOWER_[A-Z0-9_]+", text)}
+    assert len(variables) > 10
+    listed = table_rows(section.split("### Environment variables")[1])
+    missing = sorted(v for v in variables if not any(name == v or (v.endswith("_") and name.startswith(v))
+                                                     for name in listed))
+    assert not missing, f"PPFLOWER_* variables missing from the README's table of environment variables: {missing}"
+    # every node-config key the app reads
+    node_code = "\n".join(text for p, text in code.items() if p.parts[len(ROOT.parts)] in ("sims", "runtime"))
+    keys = set(re.findall(r"node_config(?:\.get\(|\[)\s*[\"']([a-z-]+)[\"']", node_code))
+    keys |= set(re.findall(r"[\"']([a-z-]+)[\"']", re.search(r"NODE_KEYS = \(([^)]*)\)", node_code).group(1)))
+    assert {"out-dir", "data-dir", "user-trainer", "trainer-socket"} <= keys
+    rows = table_rows(section.split("### Node config")[1].split("### ")[0])
+    missing = sorted(keys - set(rows))
+    assert not missing, f"node-config keys missing from the README's Configuration section: {missing}"
+
+
+def test_the_readme_lists_every_command():
+    import tomllib
+
+    import typer
+
+    from cli.ppflower import app
+
+    section = readme_section("Configuration")
+    commands = [f"ppflower {name}" for name in typer.main.get_command(app).commands]
+    scripts = [name for name in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+               if name != "ppflower"]
+    missing = [c for c in commands + scripts if f"`{c}`" not in section]
+    assert not missing, f"commands missing from the README's Configuration section: {missing}"

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from sims.reproduce import reproduce
+from experiments.reproduce import reproduce
 
 
 @pytest.mark.slow
@@ -53,7 +53,7 @@ def test_smoke_preset_table_is_measured_and_resumable(tmp_path, data_dir, vgg_we
                 "fig_budget_curve.png"):
         assert (out / fig).stat().st_size > 10_000
     # provenance names the data and weights relative to the repo, not by this machine's directories
-    from sims.reproduce import REPO
+    from experiments.reproduce import REPO
 
     for path in [*out.glob("*.json"), *out.glob("*/*.json"), out / "table1.md"]:
         assert f"{REPO.parent}/" not in path.read_text(), path

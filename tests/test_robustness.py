@@ -44,7 +44,7 @@ def _run(module: str, *args, env=None, timeout=600, cwd=ROOT):
 
 
 def test_flower_patches_refuse_another_flower_version():
-    from sims.flower_patches import FLWR_SERIES, check_flower_version
+    from runtime.flower_patches import FLWR_SERIES, check_flower_version
 
     check_flower_version(f"{FLWR_SERIES}.7")
     with pytest.raises(PPFlowerError, match=r"flwr 1\.43\.0 is installed, but pp-flower patches internals of flwr 1\.42"):
@@ -53,7 +53,7 @@ def test_flower_patches_refuse_another_flower_version():
 
 def test_installed_flower_is_the_one_the_patches_were_written_for():
     """Fails with the guard's own message (what to install, where the patches are) when flwr was upgraded."""
-    from sims.flower_patches import check_flower_version
+    from runtime.flower_patches import check_flower_version
 
     try:
         check_flower_version()
@@ -68,13 +68,13 @@ def test_image_sizes_the_unet_cannot_take_are_refused_up_front(tmp_path, classif
     data = write_image_folder(tmp_path / "d28", ["a", "b"], 4, 28)
     rc = format_run_config({"classifier": str(classifier_ckpt), "data-dir": str(data), "unet-depth": 4,
                             "run-dir": str(tmp_path / "run")})
-    proc = _run("sims.flower_simulation", "--num-supernodes", 1, "--run-config", rc, timeout=300)
+    proc = _run("runtime.flower_simulation", "--num-supernodes", 1, "--run-config", rc, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "28×28" in proc.stderr and "unet-depth=2" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "run").exists()
     # the attacker's U-Net (depth 4) cannot take them either; h_θ of the tiny run (depth 2) could
     _, run_dir = two_user_run
-    proc = _run("sims.cli", "attack", "--transform", run_dir / "user-0" / "best.pt", "--data-dir", data,
+    proc = _run("cli.ppflower", "attack", "--transform", run_dir / "user-0" / "best.pt", "--data-dir", data,
                 "--out", tmp_path / "attack", "--epochs", 1)
     assert proc.returncode == 2 and "--unet-depth" in proc.stderr and "unet-depth=2" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -103,7 +103,7 @@ def test_a_one_class_data_set_is_refused(tmp_path):
     (["--batch-size", "0"], "--batch-size"),
 ])
 def test_train_classifier_refuses_bad_numbers(tmp_path, args, message):
-    proc = _run("sims.cli", "train-classifier", "--out", tmp_path / "c", *args, timeout=120)
+    proc = _run("cli.ppflower", "train-classifier", "--out", tmp_path / "c", *args, timeout=120)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "c" / "last.pt").exists()
 
@@ -112,7 +112,7 @@ def test_an_unwritable_run_dir_is_refused_before_any_work(tmp_path, classifier_c
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     rc = format_run_config({"classifier": str(classifier_ckpt), "run-dir": str(blocker / "run")})
-    proc = _run("sims.flower_simulation", "--num-supernodes", 1, "--run-config", rc, timeout=300)
+    proc = _run("runtime.flower_simulation", "--num-supernodes", 1, "--run-config", rc, timeout=300)
     assert proc.returncode == 2 and "run-dir" in proc.stderr and "not a writable directory" in proc.stderr
     assert "Ray" not in proc.stdout + proc.stderr and "Traceback" not in proc.stderr  # refused before Ray started
 
@@ -120,7 +120,7 @@ def test_an_unwritable_run_dir_is_refused_before_any_work(tmp_path, classifier_c
 def test_an_unwritable_output_directory_is_one_clear_line(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    proc = _run("sims.cli", "train-classifier", "--epochs", 1, "--limit-train", 64, "--limit-eval", 16,
+    proc = _run("cli.ppflower", "train-classifier", "--epochs", 1, "--limit-train", 64, "--limit-eval", 16,
                 "--out", blocker / "out", timeout=300)
     assert proc.returncode == 2 and "not a writable directory" in proc.stderr and str(blocker) in proc.stderr
     assert "Traceback" not in proc.stderr and blocker.read_text() == "not a directory"
@@ -146,9 +146,9 @@ def test_a_run_whose_users_ended_without_metrics_is_an_error(tmp_path):
 
 
 def test_zero_users_are_refused_at_once(tmp_path):
-    proc = _run("sims.flower_simulation", "--num-supernodes", 0, timeout=120)
+    proc = _run("runtime.flower_simulation", "--num-supernodes", 0, timeout=120)
     assert proc.returncode == 2 and "--num-supernodes must be at least 1" in proc.stderr
-    proc = _run("sims.cli", "deploy-local", "--users", 0, "--workdir", tmp_path / "d", timeout=120)
+    proc = _run("cli.ppflower", "deploy-local", "--users", 0, "--workdir", tmp_path / "d", timeout=120)
     assert proc.returncode == 2 and "--users must be at least 1" in proc.stderr
     assert not (tmp_path / "d").exists()
 
@@ -165,7 +165,7 @@ def test_classify_writes_only_results_to_stdout(tmp_path, classifier_ckpt, split
     for i in range(3):
         save_image(to_float(splits.test.images[i]), tmp_path / f"img{i}.png")
     env = {k: v for k, v in os.environ.items() if k != "PPFLOWER_QUIET"}
-    proc = subprocess.run([sys.executable, "-m", "sims.cli", "classify", "--classifier", str(classifier_ckpt),
+    proc = subprocess.run([sys.executable, "-m", "cli.ppflower", "classify", "--classifier", str(classifier_ckpt),
                            str(tmp_path)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
@@ -193,7 +193,7 @@ def test_ctrl_c_stops_a_simulation_at_once_and_the_rerun_resumes(tmp_path, class
     run_dir = tmp_path / "run"
     rc = format_run_config({**TINY, "classifier": str(classifier_ckpt), "run-dir": str(run_dir), "epochs": 8,
                             "checkpoint-every": 1})
-    argv = [sys.executable, "-m", "sims.flower_simulation", "--num-supernodes", "1", "--run-config", rc]
+    argv = [sys.executable, "-m", "runtime.flower_simulation", "--num-supernodes", "1", "--run-config", rc]
     marker = f"PPF_TEST_{uuid.uuid4().hex}"
     env = {**os.environ, "PYTHONPATH": str(ROOT), marker: "1"}
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
@@ -240,7 +240,7 @@ def test_a_diverging_training_run_stops_with_a_clear_error(small_splits, tmp_pat
 def test_version_and_toml_run_config():
     from pp_flower.config import parse_run_config
 
-    proc = _run("sims.cli", "--version", timeout=60)
+    proc = _run("cli.ppflower", "--version", timeout=60)
     assert proc.returncode == 0 and proc.stdout.startswith("pp-flower 0.") and "flwr 1.42" in proc.stdout
     import tempfile
 

@@ -98,7 +98,7 @@ def test_simulation_refuses_what_ray_cannot_give_in_seconds(tmp_path, classifier
     if "RAY_ADDRESS" not in extra_env:
         env.pop("RAY_ADDRESS", None)
     rc = format_run_config({**TINY, "classifier": str(classifier_ckpt), "run-dir": str(tmp_path / "run")})
-    argv = [sys.executable, "-m", "sims.flower_simulation", "--num-supernodes", "2", *args, "--run-config", rc]
+    argv = [sys.executable, "-m", "runtime.flower_simulation", "--num-supernodes", "2", *args, "--run-config", rc]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
                             start_new_session=True)
     try:  # generous for a loaded machine: the refusal comes before any data, ψ or (but for GPUs) Ray is loaded
@@ -118,8 +118,8 @@ def test_server_app_stops_at_once_when_the_simulation_engine_dies(tmp_path, clas
     """Kind 11: the engine dies (here: no actor fits the resources asked for) → the ServerApp thread ends in
     seconds instead of waiting out its setup timeout (600 s) in a process that cannot exit."""
     from pp_flower.config import AppConfig
-    from sims.flower_patches import install_event_driven_dispatch, run_simulation_engine
-    from sims.flower_simulation import start_ray
+    from runtime.flower_patches import install_event_driven_dispatch, run_simulation_engine
+    from runtime.flower_simulation import start_ray
     from sims.main import client_app, server_app
     from flwr.app import Context, RecordDict
 
@@ -196,7 +196,7 @@ def test_user_refuses_a_data_set_other_than_the_providers(tmp_path, classifier_c
 # ------------------------------------------------------------------- kind 13: signals and concurrent runs
 
 def _train_classifier(out: Path, epochs: int = 200) -> list[str]:
-    return [sys.executable, "-m", "sims.cli", "train-classifier", "--epochs", str(epochs), "--limit-train", "256",
+    return [sys.executable, "-m", "cli.ppflower", "train-classifier", "--epochs", str(epochs), "--limit-train", "256",
             "--limit-eval", "64", "--batch-size", "32", "--checkpoint-every", "1", "--out", str(out)]
 
 
@@ -272,7 +272,7 @@ def test_a_second_simulation_on_one_run_dir_is_refused(tmp_path, classifier_ckpt
     """Kind 13: two flower-simulation runs on one run dir used to both exit 0, run A reporting run B's numbers."""
     run_dir = tmp_path / "run"
     rc = format_run_config({**TINY, "classifier": str(classifier_ckpt), "run-dir": str(run_dir), "epochs": 30})
-    argv = [sys.executable, "-m", "sims.flower_simulation", "--num-supernodes", "1", "--run-config", rc]
+    argv = [sys.executable, "-m", "runtime.flower_simulation", "--num-supernodes", "1", "--run-config", rc]
     marker = f"PPF_TEST_{uuid.uuid4().hex}"
     first = _start(argv, env=_env(**{marker: "1"}))
     try:
@@ -299,11 +299,11 @@ def test_a_second_simulation_on_one_run_dir_is_refused(tmp_path, classifier_ckpt
 REPRODUCE_DRIVER = """
 import sys
 from pathlib import Path
-import sims.reproduce as r
+import experiments.reproduce as r
 psi = Path(sys.argv[1]).parent
 r.Reproduction.classifier = lambda self, arch, baseline="", transform="", role="psi": psi  # ψ done: skip to h_θ
 sys.argv = ["ppflower", "reproduce", "--preset", "smoke", "--out", sys.argv[2], "--workdir", sys.argv[3]]
-from sims.cli import main
+from cli.ppflower import main
 main()
 """
 
@@ -319,9 +319,10 @@ def test_sigterm_to_reproduce_stops_its_simulation_and_says_interrupted(tmp_path
     def simulating() -> bool:
         if proc.poll() is not None:
             pytest.fail(f"reproduce ended early: {proc.communicate()[1][-3000:]}")
-        sims = [c for c in _children(proc.pid) if b"sims.flower_simulation" in Path(f"/proc/{c}/cmdline").read_bytes()]
-        if sims and list((tmp_path / "work").glob("transform-*/user-0")):
-            child[:] = sims
+        simulations = [c for c in _children(proc.pid)
+                       if b"runtime.flower_simulation" in Path(f"/proc/{c}/cmdline").read_bytes()]
+        if simulations and list((tmp_path / "work").glob("transform-*/user-0")):
+            child[:] = simulations
             return True
         return False
 

@@ -43,7 +43,7 @@ def _free_port() -> int:
 
 
 def _cli(*args: str, env=None, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sims.cli", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "cli.ppflower", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env=env)
 
 
@@ -54,7 +54,7 @@ class Service:
         self.marker = f"PPFLOWER_SERVE_FIXTURE_{uuid.uuid4().hex}"
         self.url, self.verify, self.log = url, verify, log
         env = {**os.environ, self.marker: "1", "PYTHONPATH": str(ROOT)}
-        self.proc = subprocess.Popen([sys.executable, "-m", "sims.cli", "serve", *args], cwd=ROOT, env=env,
+        self.proc = subprocess.Popen([sys.executable, "-m", "cli.ppflower", "serve", *args], cwd=ROOT, env=env,
                                      stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_healthy(self, timeout: float = 300, retry_if: str | None = None) -> bool:
@@ -106,7 +106,7 @@ def setup(tmp_path_factory):
     from pp_flower.checkpoints import classifier_blob, save_atomic, transform_blob
     from pp_flower.data import CIFAR10_CLASSES, load_splits
     from pp_flower.models import UNet, build_classifier
-    from sims.deploy_local import make_credentials
+    from runtime.deploy_local import make_credentials
 
     work = tmp_path_factory.mktemp("serve")
     torch.manual_seed(0)
@@ -462,7 +462,7 @@ def test_bad_options_are_refused_in_one_line_before_ray_starts(setup, tmp_path):
     from typer.testing import CliRunner
 
     from pp_flower.errors import PPFlowerError
-    from sims.cli import app  # in-process: `ppflower` prints a PPFlowerError as one line and exits 2 (main)
+    from cli.ppflower import app  # in-process: `ppflower` prints a PPFlowerError as one line and exits 2 (main)
 
     for args, words in cases:
         result = CliRunner().invoke(app, args)

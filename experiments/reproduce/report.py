@@ -77,6 +77,9 @@ def build_table(preset: Preset, columns: dict, attack_results: dict[str, dict], 
                 entry["key"] = columns[arch][row]["key"]
             if "accuracy-per-user" in columns[arch][row]:
                 entry[arch]["per-user"] = [round(100 * a, 2) for a in columns[arch][row]["accuracy-per-user"]]
+            if arch == preset.archs[0] and "wire" in columns[arch][row]:
+                entry["wire"] = columns[arch][row]["wire"]
+                entry["label-leakage"] = columns[arch][row].get("label-leakage")
         if row in attack_results:
             r = attack_results[row]
             entry["protected-psnr"] = r.get("psnr-protected")
@@ -111,7 +114,36 @@ def _pct(v, row: str) -> str:
     return ("—" if row == "plain" else "n/a") if v is None else f"{100 * v:.1f}"
 
 
-def markdown(table: list[dict], p: Preset, meta: dict) -> str:
+def _leak(e: dict) -> str:
+    """Label inference of Table I's label-leakage column: known-10 / direction accuracy (%), or why none."""
+    leak = e.get("label-leakage")
+    if not leak:
+        return "—" if e["row"] == "plain" or "wire" not in e else "n/a"
+    if "error" in leak:
+        return "n/a"
+    return f"{_pct(leak.get('known-10-accuracy'), e['row'])} / {_pct(leak.get('direction-accuracy'), e['row'])}"
+
+
+def defence_markdown(points: list[dict], alpha: float) -> list[str]:
+    """The grad-noise defence as a markdown table (``defence.json``'s points)."""
+    if not points:
+        return []
+    lines = ["## The grad-noise defence and its price", "",
+             f"h_θ at α = {alpha:g}, trained with the provider adding N(0, σ²) to each returned ∂L_class/∂x̂, "
+             "σ = grad-noise·‖g‖/√d per image (so grad-noise is the noise norm over the gradient norm). Label "
+             "inference: what a user infers of the labels of its own training images from the gradients it "
+             "received (`fig_defence.png`).", "",
+             "| grad-noise | ψ on x̂ (%) | labels inferred, 10 known per class (%) | labels inferred, none known (%) "
+             "| chance (%) |", "|---|---|---|---|---|"]
+    for pt in points:
+        leak = pt.get("label-leakage") or {}
+        lines.append(f"| {pt['grad-noise']:g} | {100 * pt['test-accuracy']:.2f} | "
+                     f"{_pct(leak.get('known-10-accuracy'), 'x')} | {_pct(leak.get('direction-accuracy'), 'x')} | "
+                     f"{_pct(leak.get('chance'), 'x')} |")
+    return [*lines, ""]
+
+
+def markdown(table: list[dict], p: Preset, meta: dict, defence: list[dict] = ()) -> str:
     lines = [f"# Table I — preset `{p.name}`", "",
              "Test accuracy of ψ on each kind of image (%), measured by this product on the same data, beside the "
              "paper's Table I; protected-image PSNR and the ITN-Attack's estimate PSNR (medians over the test "
@@ -127,8 +159,8 @@ def markdown(table: list[dict], p: Preset, meta: dict) -> str:
     for arch in p.archs:
         name = {"resnet20": "ResNet-20", "vgg16": "VGG16-BN"}[arch]
         head += [f"{name} measured", f"{name} paper"]
-    head += ["protected PSNR", "ITN-Attack PSNR", "ITN-Attack SSIM", "best attack PSNR / SSIM",
-             "recognisable: protected", "recognisable: best attack"]
+    head += ["wire", "protected PSNR", "ITN-Attack PSNR", "ITN-Attack SSIM", "best attack PSNR / SSIM",
+             "recognisable: protected", "recognisable: best attack", "labels inferred: 10 known / none (%)"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in table:
         key = e.get("key")
@@ -137,16 +169,20 @@ def markdown(table: list[dict], p: Preset, meta: dict) -> str:
         for arch in p.archs:
             cells += [_fmt(e[arch]["measured"]), _fmt(e[arch]["paper"])]
         prot = e.get("protected-psnr")
-        cells += [("—" if e["row"] == "plain" else "n/a (6 channels)") if prot is None else _fmt(prot["median"]),
+        cells += [e.get("wire", "—"),("—" if e["row"] == "plain" else "n/a (6 channels)") if prot is None else _fmt(prot["median"]),
                   _fmt(e["itn-psnr"]["median"]) if "itn-psnr" in e else "—",
                   _fmt(e["itn-ssim"]["median"], 3) if "itn-ssim" in e else "—",
                   f"{_fmt(e['best-attack-psnr'])} / {_fmt(e['best-attack-ssim'], 3)}" if "best-attack-psnr" in e
                   else "—",
                   _pct(e.get("recognisability-protected"), e["row"]), _pct(e.get("recognisability-best-attack"),
-                                                                           e["row"])]
+                                                                           e["row"]), _leak(e)]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Paper columns: the numbers printed in the paper's Table I; — where the paper gives none. "
-              "Every measured cell comes from this run's JSON files (`table1.json`, `attack/*.json`).", "",
+              "*Labels inferred*: the share of its own training images whose label a user infers from the "
+              "∂L_class/∂x̂ it received (Li et al. 2022): with 10 known labels per class (nearest class centroid) / "
+              "with none (clusters matched to classes at best: an upper bound); chance is 10 %. "
+              "Every measured cell comes from this run's JSON files (`table1.json`, `attack/*.json`, "
+              "`transform-*/user-*.json`).", "", *defence_markdown(list(defence), p.defence_alpha),
               "## Provenance", "",
               f"- Command: `{meta['command']}`",
               f"- Commit: `{meta['commit']}`",
