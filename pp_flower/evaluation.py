@@ -150,18 +150,59 @@ def _refuse_other_sizes(blob: dict, path: Path, images: list[tuple[Path, torch.T
                             f"{trained[1]}×{trained[0]}. Nothing was written.")
 
 
+def wire_of_run(run_dir: str | os.PathLike) -> str | None:
+    """The wire a finished run's users sent x̂ over: ``config.wire`` of ``RUN_DIR/run.json``; ``float32`` for a
+    run.json from before wires were recorded (x̂ travelled as float32 then); None without a run.json."""
+    summary = Path(run_dir) / "run.json"
+    if not summary.is_file():
+        return None
+    try:
+        config = json.loads(summary.read_text()).get("config") or {}
+    except (OSError, ValueError) as exc:
+        raise PPFlowerError(f"Cannot read {summary}: {exc}") from exc
+    return config.get("wire", "float32")
+
+
 def attack_targets(transform=None, run_dir=None, out=None, cfg=None, strong=False, perceptual_weight=1e-4,
                    data_dir=None, limit_train=None, limit_eval=None, device="cpu", log=print,
-                   baseline: str | None = None, key: int = 0, force: bool = False) -> dict:
-    """ITN-Attack every target (one checkpoint, or every user of a run); box plot and summary over every attack
-    in ``out`` (this call's and earlier ones'), each cached under the hash of its target and its settings."""
+                   baseline: str | None = None, key: int = 0, force: bool = False, *, wire: str | None = None,
+                   restorer=None, observer: str | os.PathLike | None = None,
+                   vgg_weights: str | os.PathLike | None = None) -> dict:
+    """Attack every target (one checkpoint, or every user of a run); box plot and summary over every attack
+    in ``out`` (this call's and earlier ones'), each cached under the hash of its target and its settings.
+
+    What is attacked is what the provider received (issue #22): h_θ's x̂ through ``wire`` —
+    ``pp_flower.wire.provider_view`` — where ``wire`` defaults to the run's own (:func:`wire_of_run` of
+    ``run_dir``, or of the run holding ``transform``; ``pp_flower.wire.DEFAULT`` for a checkpoint outside a run;
+    a ``wire`` other than the run's is refused). Baselines' encryptions are 8-bit images: ``uint8``.
+
+    Attackers per target (folder ``out/<target>-<attacker>``):
+      ``ITN`` (``cfg``, the paper's); with ``strong``: ``ITN+feat`` (``cfg`` + ``perceptual_weight``) and the
+      restorer (``restorer``, default :func:`pp_flower.attack.restorer_config` of ``cfg``; named ``restorer``, or
+      ``restorer+GAN`` with an adversarial term); a ``restorer`` given without ``strong`` is added too. Under the
+      ``float32`` wire each h_θ also gets ``ITN-logit`` (and ``restorer-logit`` with the restorer): the same
+      attackers handed logit(x̂), h_θ's pre-sigmoid output.
+    ``observer``: a classifier checkpoint trained on plain images; its accuracy on the protected images and on
+    each attacker's estimates is reported (None: not measured). ``vgg_weights``: φ's weights for attackers with a
+    feature term (None: :func:`pp_flower.features.load_feature_net`'s default).
+
+    Writes ``out/summary.json`` = {"targets": :func:`pp_flower.attack.summarise_attacks` (per target: its wire,
+    every attacker's median PSNR/SSIM and observer accuracy, ``best`` by each), "attacks": per folder as
+    returned} and ``out/fig7_psnr_boxplot.png``. Returns the per-folder table: tag → median/quartile PSNR and
+    SSIM of estimates and protected images, ``wire``, ``input``, ``attacker``, ``target-name`` and
+    ``observer-accuracy`` (None without an observer).
+    """
     from dataclasses import replace
 
-    from pp_flower.attack import AttackConfig, network_target, target_fingerprint, train_attack
+    from pp_flower import wire as wires
+    from pp_flower.attack import (AttackConfig, provider_target, read_attack_results, restorer_config,
+                                  summarise_attacks, target_fingerprint, train_attack)
     from pp_flower.data import load_splits
     from pp_flower.report import save_psnr_boxplot
 
     cfg = cfg or AttackConfig()
+    if wire is not None and wire not in wires.WIRES:
+        raise PPFlowerError(f"--wire must be one of {', '.join(wires.WIRES)}, got {wire!r}.")
     targets: dict[str, Path] = {}
     if transform is not None:
         targets[Path(transform).parent.name or "transform"] = Path(transform)
@@ -183,6 +224,13 @@ def attack_targets(transform=None, run_dir=None, out=None, cfg=None, strong=Fals
                                     "them in two calls with different --out.")
             targets[name] = p
     loaded = {name: load_transform_net(path) for name, path in targets.items()}  # wrong kinds fail here, early
+    target_wires = {}
+    for name, path in targets.items():
+        recorded = wire_of_run(path.parent.parent)
+        if wire is not None and recorded is not None and wire != recorded:
+            raise PPFlowerError(f"--wire {wire}: the run of {path} sent x̂ over the {recorded} wire "
+                                f"({path.parent.parent / 'run.json'}); the attack must see what the provider received.")
+        target_wires[name] = wire or recorded or wires.DEFAULT
     callables, ids = {}, {name: target_fingerprint(path) for name, path in targets.items()}
     if baseline is not None:
         from pp_flower.baselines import BASELINES
@@ -193,6 +241,13 @@ def attack_targets(transform=None, run_dir=None, out=None, cfg=None, strong=Fals
         ids[f"{baseline}-key{key}"] = f"baseline:{baseline}:key={key}"
     if not targets and not callables:
         raise PPFlowerError("Nothing to attack: give --transform PATH, --run-dir PATH or --baseline NAME --key K.")
+    observed = None
+    if observer is not None:
+        from pp_flower.checkpoints import require_plain_classifier
+
+        observer_net, observer_blob = load_classifier(observer)
+        require_plain_classifier(observer_blob, observer, "the attack's observer")
+        observed = (observer_net, target_fingerprint(observer))
     nets = {name: net for name, (net, _) in loaded.items()}
     out = ensure_writable_dir(Path(out) if out else (Path(run_dir) / "attack" if run_dir else Path("runs/attack")),
                               "--out")
@@ -211,26 +266,48 @@ def attack_targets(transform=None, run_dir=None, out=None, cfg=None, strong=Fals
     attackers = {"ITN": cfg}
     if strong:
         attackers["ITN+feat"] = replace(cfg, perceptual=perceptual_weight)
-    all_targets = {**{name: network_target(net, device) for name, net in nets.items()}, **callables}
-    for name, target in all_targets.items():
+    if strong or restorer is not None:
+        rcfg = restorer if restorer is not None else restorer_config(cfg)
+        attackers["restorer+GAN" if rcfg.adversarial > 0 else "restorer"] = rcfg
+    jobs = []  # (target name, attacker, target, settings)
+    for name, net in nets.items():
         for attacker, acfg in attackers.items():
-            tag = f"{name}-{attacker}"
-            train_attack(target, splits, out / tag, acfg, device, name=f"{name} ({attacker})", log=log,
-                         target_id=ids[name], force=force)
-    results, boxes = {}, {}
-    for done in sorted(out.glob("*/attack.json")):  # every attack in out, not just this call's
-        tag, r = done.parent.name, json.loads(done.read_text())
-        results[tag] = r
-        name, attacker = tag.rsplit("-", 1) if tag.endswith(("-ITN", "-ITN+feat")) else (tag, "ITN")
+            jobs.append((name, attacker, provider_target(net, target_wires[name], "image", device), acfg))
+        if target_wires[name] == "float32":
+            for attacker, acfg in attackers.items():
+                if attacker in ("ITN", "restorer", "restorer+GAN"):
+                    jobs.append((name, f"{attacker}-logit", provider_target(net, "float32", "logit", device), acfg))
+    for name, fn in callables.items():
+        jobs += [(name, attacker, provider_target(fn, "uint8"), acfg) for attacker, acfg in attackers.items()]
+    for name, attacker, target, acfg in jobs:
+        train_attack(target, splits, out / f"{name}-{attacker}", acfg, device, name=f"{name} ({attacker})", log=log,
+                     target_id=ids[name], force=force, observer=observed, attacker=attacker, target_name=name,
+                     vgg_weights=vgg_weights)
+    results = read_attack_results(out)  # every attack in out, not just this call's
+    boxes = {}
+    for tag, r in results.items():
+        name, attacker = r["target-name"], r["attacker"]
         if attacker == "ITN" and "psnr-protected" in r["per-image"]:
             boxes[f"{name}\nprotected"] = r["per-image"]["psnr-protected"]
         boxes[f"{name}\n{attacker} estimate"] = r["per-image"]["psnr-estimated"]
     save_psnr_boxplot(boxes, out / "fig7_psnr_boxplot.png", title="PSNR to the plain test images (higher = more leaked)")
-    summary = {tag: {k: r[k] for k in ("psnr-estimated", "psnr-protected", "ssim-estimated", "ssim-protected")
-                     if k in r} for tag, r in results.items()}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary = {tag: {**{k: r[k] for k in ("psnr-estimated", "psnr-protected", "ssim-estimated", "ssim-protected")
+                        if k in r},
+                     **{k: r.get(k) for k in ("wire", "input", "attacker", "target-name")},
+                     "observer-accuracy": r.get("recognisability-estimated")} for tag, r in results.items()}
+    per_target = summarise_attacks(results)
+    (out / "summary.json").write_text(json.dumps({"targets": per_target, "attacks": summary}, indent=2))
     broken = [tag for tag, r in summary.items() if not math.isfinite(r["psnr-estimated"]["median"])]
     if broken:
         raise PPFlowerError(f"The attack on {', '.join(broken)} produced NaN metrics; see {out}.")
+    for name, entry in per_target.items():
+        best = entry["best"]
+        line = f"{name} ({entry['wire']} wire): strongest by median PSNR {best['psnr-median']['attacker']} " \
+               f"{best['psnr-median']['value']:.2f} dB, by median SSIM {best['ssim-median']['attacker']} " \
+               f"{best['ssim-median']['value']:.3f}"
+        if best["observer-accuracy"] is not None:
+            line += (f", by the observer's accuracy {best['observer-accuracy']['attacker']} "
+                     f"{best['observer-accuracy']['value']:.1%}")
+        log(line)
     log(f"attack results → {out}/summary.json, box plot → {out}/fig7_psnr_boxplot.png")
     return summary

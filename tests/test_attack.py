@@ -68,7 +68,7 @@ def test_killed_attack_resumes_to_the_same_estimator(small, tmp_path):
 
 
 def _ppflower(*args):
-    return subprocess.run([sys.executable, "-m", "sims.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "cli.ppflower", *map(str, args)], capture_output=True, text=True,
                           timeout=900)
 
 
@@ -83,19 +83,27 @@ def test_attack_run_dir_measures_each_users_h_theta_and_caches_by_target(two_use
     proc = _ppflower("attack", *common, "--unet-base", 4, "--strong")
     assert proc.returncode == 0, proc.stderr[-3000:]
     x = to_float(load_splits(data_dir, limit_train=256, limit_eval=64).test.images)
-    summary = json.loads((out / "summary.json").read_text())
-    assert set(summary) == {"user-0-ITN", "user-0-ITN+feat", "user-1-ITN", "user-1-ITN+feat"}
+    from pp_flower import wire
+    from pp_flower.evaluation import wire_of_run
+
+    run_wire = wire_of_run(run_dir)
+    summary = json.loads((out / "summary.json").read_text())["attacks"]
+    attackers = ["ITN", "ITN+feat", "restorer"] + (["ITN-logit", "restorer-logit"] if run_wire == "float32" else [])
+    assert set(summary) == {f"{user}-{a}" for user in ("user-0", "user-1") for a in attackers}
+    targets = json.loads((out / "summary.json").read_text())["targets"]
     for user in ("user-0", "user-1"):
         net, _ = load_transform_net(run_dir / user / "best.pt")
         with torch.no_grad():
-            expected = psnr(net(x).clamp(0, 1), x)
-        for attacker in ("ITN", "ITN+feat"):
+            expected = psnr(wire.provider_view(net(x), run_wire), x)
+        assert targets[user]["wire"] == run_wire and set(targets[user]["attackers"]) == set(attackers)
+        for attacker in attackers:
             result = json.loads((out / f"{user}-{attacker}" / "attack.json").read_text())
-            # the protected images measured are exactly this user's h_θ(x) on the 64 test images
+            # the protected images measured are exactly what the provider held of this user's h_θ(x)
             assert result["per-image"]["psnr-protected"] == pytest.approx(expected.tolist(), abs=1e-3)
             assert result["psnr-estimated"]["median"] == pytest.approx(
                 statistics.median(result["per-image"]["psnr-estimated"]), abs=1e-6)
             assert summary[f"{user}-{attacker}"]["psnr-estimated"] == result["psnr-estimated"]
+            assert result["wire"] == run_wire
         assert result["config"]["perceptual"] > 0 and (out / f"{user}-ITN" / "fig6.png").stat().st_size > 1000
     assert (out / "fig7_psnr_boxplot.png").stat().st_size > 1000
 
@@ -108,7 +116,7 @@ def test_attack_run_dir_measures_each_users_h_theta_and_caches_by_target(two_use
     forced = _ppflower("attack", *common, "--unet-base", 8, "--force")
     assert forced.returncode == 0, forced.stderr[-3000:]
     assert json.loads((out / "user-0-ITN" / "attack.json").read_text())["config"]["unet_base"] == 8
-    assert set(json.loads((out / "summary.json").read_text())) == set(summary)  # earlier attacks stay listed
+    assert set(json.loads((out / "summary.json").read_text())["attacks"]) == set(summary)  # earlier ones stay
 
 
 def test_attack_cache_is_keyed_by_the_target(small, tmp_path):
@@ -172,3 +180,267 @@ def test_protect_then_classify_from_the_command_line(two_user_run, tmp_path, spl
     save_image(torch.rand(3, 30, 30), plain / "odd.png")
     proc = _ppflower("protect", "--transform", run_dir / "user-0" / "best.pt", plain, tmp_path / "o2")
     assert proc.returncode == 2 and "odd.png (30×30)" in proc.stderr and not (tmp_path / "o2").exists()
+
+
+# --------------------------------------------------------------------- issue #22: the wire, the restorer, best attack
+
+
+class _ToyH(torch.nn.Module):
+    """A keyless, invertible stand-in for h_θ: x̂ = sigmoid(6·(0.5 − x)) with the colour channels rotated. Its x̂ is
+    not on the 1/255 grid, so the uint8 wire changes it."""
+
+    def forward(self, x):
+        return torch.sigmoid(6 * (0.5 - x[:, [2, 0, 1]]))
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread while the test runs: on a busy shared 2-core machine two threads made a 1 s toy attack
+    take 2–20 s (they wait for each other); the numbers barely change."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def toy(data_dir):
+    """128 / 32 / 32 real CIFAR-10 images, centre-cropped to 8×8 (about a second per attack)."""
+    from dataclasses import replace
+
+    from pp_flower.data import ImageSet
+
+    s = load_splits(data_dir, limit_train=128, limit_eval=32)
+    crop = lambda part: ImageSet(part.images[:, :, 12:20, 12:20].contiguous(), part.labels, part.classes)  # noqa: E731
+    return replace(s, train=crop(s.train), val=crop(s.val), test=crop(s.test))
+
+
+class _Spy:
+    """Records every input of the attacker's U-Net (not of h_θ, φ or D) while active."""
+
+    def __init__(self):
+        self.seen = []
+
+    def __enter__(self):
+        from pp_flower.models import UNet
+
+        def hook(module, args):
+            if isinstance(module, UNet):
+                self.seen.append(args[0].detach().clone())
+
+        self.handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def _quiet(*a):
+    return None
+
+
+def test_attackers_train_and_evaluate_on_exactly_the_providers_tensor(toy, tmp_path, one_thread):
+    """Positive control: each attacker sees wire.provider_view(h(x), "uint8") bit for bit — in training, validation
+    and test — and handed a tensor without x in it (noise through the same wire) it does clearly worse."""
+    from pp_flower import wire
+    from pp_flower.attack import ProviderTarget, restorer_config
+
+    h = _ToyH()
+    x_test = to_float(toy.test.images)
+    expected = wire.provider_view(h(x_test), "uint8")
+    assert not torch.equal(expected, h(x_test))  # the wire does change x̂: the check below can fail
+    itn = AttackConfig(epochs=8, batch_size=16, lr=0.5, unet_base=4, unet_depth=2)
+    attackers = {"ITN": itn, "restorer": restorer_config(itn, lr=1e-2, perceptual=0.0)}
+    psnrs = {}
+    for name, cfg in attackers.items():
+        with _Spy() as spy:
+            right = train_attack(ProviderTarget(h, "uint8"), toy, tmp_path / f"{name}-A", cfg, log=_quiet,
+                                 attacker=name)
+        assert spy.seen and all(torch.equal(t, torch.round(t * 255) / 255) for t in spy.seen)  # all on q/255
+        # evaluation (its last full-test-set call; the 8-image figure comes after it): exactly the provider's x̂
+        assert torch.equal([t for t in spy.seen if len(t) == len(x_test)][-1], expected)
+        assert right["wire"] == "uint8" and right["input"] == "image" and right["attacker"] == name
+        assert right["cache-key"]["wire"] == "uint8"
+        # the protected images measured are the provider's q/255, not h's float x̂
+        assert right["per-image"]["psnr-protected"] == pytest.approx(psnr(expected, x_test).tolist(), abs=1e-4)
+        wrong = train_attack(ProviderTarget(lambda x: torch.rand_like(x), "uint8"), toy, tmp_path / f"{name}-noise",
+                             cfg, log=_quiet, attacker=name)
+        psnrs[name] = (right["psnr-estimated"]["median"], wrong["psnr-estimated"]["median"])
+        assert psnrs[name][0] > psnrs[name][1] + 3.0, psnrs  # measured: ITN 19.1 vs 13.3, restorer 18.0 vs 13.6 dB
+
+
+def test_float32_wire_attacker_on_the_logit_sees_logit_of_xhat(toy, tmp_path, one_thread):
+    from pp_flower import wire
+    from pp_flower.attack import ProviderTarget
+    from pp_flower.errors import PPFlowerError
+
+    h = _ToyH()
+    x_test = to_float(toy.test.images)
+    cfg = AttackConfig(epochs=1, batch_size=16, lr=0.1, unet_base=4, unet_depth=2)
+    with _Spy() as spy:
+        result = train_attack(ProviderTarget(h, "float32", "logit"), toy, tmp_path, cfg, log=_quiet)
+    at_test = [t for t in spy.seen if len(t) == len(x_test)][-1]  # evaluation's call
+    assert torch.equal(at_test, wire.logit(h(x_test))) and at_test.abs().max() > 1.0  # a logit, not an image
+    assert (result["wire"], result["input"]) == ("float32", "logit")
+    assert result["cache-key"]["input"] == "logit"
+    # protected-image metrics are of x̂ itself (what a float32 provider holds), not of its logit
+    assert result["per-image"]["psnr-protected"] == pytest.approx(psnr(h(x_test), x_test).tolist(), abs=1e-4)
+    with pytest.raises(PPFlowerError, match="float32 wire"):
+        ProviderTarget(h, "uint8", "logit")
+    with pytest.raises(ValueError, match="wire must be one of"):
+        ProviderTarget(h, "float16")
+
+
+def test_restorer_with_perceptual_and_adversarial_terms_resumes_to_the_same_estimator(toy, tmp_path, vgg_weights, one_thread):
+    from pp_flower.attack import ProviderTarget, load_inverse_net, restorer_config
+
+    cfg = restorer_config(AttackConfig(epochs=2, batch_size=32, unet_base=4, unet_depth=2, checkpoint_every=2,
+                                       disc_width=4), perceptual=0.01, adversarial=0.01)
+    assert (cfg.method, cfg.optim, cfg.beta1, cfg.weight_decay) == ("restorer", "adam", 0.5, 0.0)
+    target = ProviderTarget(_ToyH(), "uint8")
+    full = train_attack(target, toy, tmp_path / "full", cfg, log=_quiet, attacker="restorer+GAN")
+    assert full["method"] == "restorer" and full["selected-on"].startswith("validation l1")
+    assert {"loss-d", "loss-g-adv", "train-loss"} <= set(full["history"][0])
+    assert load_inverse_net(tmp_path / "full" / "best.pt").in_channels == 3
+
+    calls = {"n": 0}
+
+    def dying(x):
+        calls["n"] += 1
+        # call 1 probes the channels, 2–5 are epoch 1, 6 validates, 7–8 epoch 2 (resume point after step 2)
+        if calls["n"] == 9:  # epoch 2, step 3 of 4: the process "dies"
+            raise KeyboardInterrupt
+        return _ToyH()(x)
+
+    with pytest.raises(KeyboardInterrupt):
+        train_attack(ProviderTarget(dying, "uint8"), toy, tmp_path / "killed", cfg, log=_quiet)
+    messages = []
+    resumed = train_attack(target, toy, tmp_path / "killed", cfg, log=messages.append)
+    assert any("Resuming" in m for m in messages)
+    assert resumed["per-image"]["psnr-estimated"] == pytest.approx(full["per-image"]["psnr-estimated"], abs=1e-4)
+
+
+def test_attack_settings_are_checked():
+    from pp_flower.attack import restorer_config
+    from pp_flower.errors import PPFlowerError
+
+    for bad, match in (({"method": "gan"}, "--attack-method"), ({"optim": "rmsprop"}, "--attack-optimizer"),
+                       ({"l1": 0.5}, "belong to the restorer"), ({"optim": "adam"}, "Adam"),
+                       ({"method": "restorer", "l1": 0.0}, "reconstruction term"),
+                       ({"method": "restorer", "adversarial": -1.0}, "--adversarial-weight")):
+        with pytest.raises(PPFlowerError, match=match):
+            AttackConfig(**bad)
+    assert restorer_config(adversarial=0.1).beta1 == 0.5
+
+
+def test_paper_itn_cache_key_is_unchanged_and_the_wire_is_part_of_it(toy, tmp_path, one_thread):
+    """Adding the restorer's fields and the wire keeps every result cached for the paper's ITN on h_θ's own
+    (float32) output valid; the uint8 provider's tensor is another result and is refused without --force."""
+    from dataclasses import asdict
+
+    from pp_flower.attack import ProviderTarget, attack_key
+    from pp_flower.errors import PPFlowerError
+
+    before = {"epochs", "batch_size", "lr", "momentum", "weight_decay", "seed", "schedule", "unet_base",
+              "unet_depth", "unet_arch", "perceptual", "checkpoint_every"}  # AttackConfig's fields before issue #22
+    cfg = AttackConfig(epochs=1, batch_size=64, unet_base=4, unet_depth=2)
+    assert set(attack_key(cfg)) == before and attack_key(cfg) == {k: asdict(cfg)[k] for k in before}
+    h = _ToyH()
+    legacy = train_attack(h, toy, tmp_path, cfg, log=_quiet, target_id="sha256:h")  # a plain callable: as before
+    assert legacy["wire"] is None
+    done = tmp_path / "attack.json"
+    old = json.loads(done.read_text())
+    for k in ("wire", "input", "attacker", "target-name", "method", "selected-on"):
+        old.pop(k)  # an attack.json as written before issue #22
+    done.write_text(json.dumps(old))
+    messages = []
+    reused = train_attack(ProviderTarget(h, "float32"), toy, tmp_path, cfg, log=messages.append, target_id="sha256:h")
+    assert any("up to date" in m for m in messages)
+    assert reused["per-image"] == legacy["per-image"] and json.loads(done.read_text())["wire"] == "float32"
+    with pytest.raises(PPFlowerError, match=r"differs in: .*wire"):
+        train_attack(ProviderTarget(h, "uint8"), toy, tmp_path, cfg, log=_quiet, target_id="sha256:h")
+
+
+def test_summary_puts_every_attacker_side_by_side_and_names_the_best():
+    from pp_flower.attack import best_attack, summarise_attacks
+
+    def result(target, attacker, wire, p, s, acc=None):
+        r = {"target-name": target, "attacker": attacker, "wire": wire, "input": "image", "method": "itn",
+             "psnr-estimated": {"median": p}, "ssim-estimated": {"median": s},
+             "psnr-protected": {"median": 7.0}, "ssim-protected": {"median": 0.1}}
+        return {**r, **({"recognisability-estimated": acc, "recognisability-protected": 0.1} if acc is not None
+                        else {})}
+
+    results = {"u-ITN": result("u", "ITN", "uint8", 14.0, 0.30, 0.20),
+               "u-restorer": result("u", "restorer", "uint8", 13.0, 0.45, 0.35),
+               "u-ITN+feat": result("u", "ITN+feat", "uint8", 14.5, 0.25, 0.30),
+               "v-ITN": result("v", "ITN", "float32", 20.0, 0.6),
+               "v-ITN-logit": result("v", "ITN-logit", "float32", 22.0, 0.7)}
+    table = summarise_attacks(results)
+    assert set(table) == {"u", "v"}
+    u = table["u"]
+    assert u["wire"] == "uint8" and set(u["attackers"]) == {"ITN", "restorer", "ITN+feat"}
+    assert u["best"] == {"psnr-median": {"attacker": "ITN+feat", "value": 14.5},
+                         "ssim-median": {"attacker": "restorer", "value": 0.45},
+                         "observer-accuracy": {"attacker": "restorer", "value": 0.35}}
+    assert u["protected"] == {"psnr-median": 7.0, "ssim-median": 0.1, "observer-accuracy": 0.1}
+    assert table["v"]["best"]["psnr-median"]["attacker"] == "ITN-logit"
+    assert table["v"]["best"]["observer-accuracy"] is None  # no observer: not measured, not zero
+    # the same target attacked under two wires: two entries, never compared with each other
+    results["u-ITN-old"] = {**result("u", "ITN", "float32", 30.0, 0.9), "attacker": "ITN"}
+    split = summarise_attacks(results)
+    assert set(split) == {"u [uint8]", "u [float32]", "v"}
+    assert split["u [uint8]"]["best"]["psnr-median"]["value"] == 14.5
+    assert best_attack({"a": {"psnr-median": None, "ssim-median": None, "observer-accuracy": None}}) == {
+        "psnr-median": None, "ssim-median": None, "observer-accuracy": None}
+
+
+def test_attack_targets_uses_the_runs_wire_and_writes_the_best_attack(tmp_path, vgg_weights, one_thread):
+    """A float32 run: every attacker, the logit ones too, in summary.json with the observer's accuracy on its
+    estimates (recomputed here from the saved estimator) and the best by each criterion."""
+    from pp_flower import wire
+    from pp_flower.attack import load_inverse_net, restorer_config
+    from pp_flower.checkpoints import load_classifier, load_transform_net, save_atomic, transform_blob
+    from pp_flower.classifier import ClassifierConfig, train_classifier
+    from pp_flower.errors import PPFlowerError
+    from pp_flower.evaluation import attack_targets, wire_of_run
+    from pp_flower.models import UNet
+    from torchvision.utils import save_image
+
+    data, g = tmp_path / "d", torch.Generator().manual_seed(0)
+    for part in ("train", "test"):  # 2 classes × 8 random 8×8 PNGs
+        for label in ("a", "b"):
+            (data / part / label).mkdir(parents=True)
+            for i in range(8):
+                save_image(torch.rand(3, 8, 8, generator=g), data / part / label / f"{i}.png")
+    splits = load_splits(data)
+    train_classifier(splits, tmp_path / "obs", ClassifierConfig(epochs=1, batch_size=8), log=_quiet)
+    torch.manual_seed(0)
+    save_atomic(transform_blob(UNet(4, 2), (8, 8)), tmp_path / "run" / "user-0" / "best.pt")
+    (tmp_path / "run" / "run.json").write_text(json.dumps({"config": {"wire": "float32"}}))
+    assert wire_of_run(tmp_path / "run") == "float32"
+    cfg = AttackConfig(epochs=1, batch_size=4, unet_base=4, unet_depth=2)
+    with pytest.raises(PPFlowerError, match="float32 wire"):
+        attack_targets(run_dir=tmp_path / "run", out=tmp_path / "atk", cfg=cfg, data_dir=data, log=_quiet,
+                       wire="uint8")
+    flat = attack_targets(run_dir=tmp_path / "run", out=tmp_path / "atk", cfg=cfg, data_dir=data, log=_quiet,
+                          restorer=restorer_config(cfg, perceptual=0.01), observer=tmp_path / "obs" / "best.pt")
+    assert set(flat) == {"user-0-ITN", "user-0-ITN-logit", "user-0-restorer", "user-0-restorer-logit"}
+    summary = json.loads((tmp_path / "atk" / "summary.json").read_text())
+    assert summary["attacks"] == json.loads(json.dumps(flat))
+    entry = summary["targets"]["user-0"]
+    assert entry["wire"] == "float32" and set(entry["attackers"]) == {"ITN", "ITN-logit", "restorer", "restorer-logit"}
+    assert {row["input"] for row in entry["attackers"].values()} == {"image", "logit"}
+    for criterion in ("psnr-median", "ssim-median", "observer-accuracy"):
+        best = entry["best"][criterion]
+        assert best["value"] == max(row[criterion] for row in entry["attackers"].values())
+        assert entry["attackers"][best["attacker"]][criterion] == best["value"]
+    # the observer's accuracy on the logit restorer's estimates, recomputed from its saved network
+    observer, _ = load_classifier(tmp_path / "obs" / "best.pt")
+    net, _ = load_transform_net(tmp_path / "run" / "user-0" / "best.pt")
+    x = to_float(splits.test.images)
+    with torch.no_grad():
+        estimate = load_inverse_net(tmp_path / "atk" / "user-0-restorer-logit" / "best.pt")(
+            wire.logit(wire.provider_view(net.eval()(x), "float32")))
+        accuracy = (observer(estimate).argmax(1) == splits.test.labels).double().mean().item()
+    assert entry["attackers"]["restorer-logit"]["observer-accuracy"] == pytest.approx(accuracy)

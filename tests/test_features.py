@@ -49,3 +49,59 @@ def test_phi_layers_equal_torchvisions_vgg16(vgg_weights):
     theirs.load_state_dict(ours.state_dict())
     x = torch.rand(2, 3, 32, 32)
     assert torch.equal(ours(x), theirs(x))
+
+
+# ---------------------------------------------------------------- φ's weights travel as an argument (issue #27)
+
+def test_no_code_writes_the_user_facing_path_variables():
+    """PPFLOWER_VGG_WEIGHTS / _DATA_DIR / _CACHE_DIR are read at the edge; our code passes paths as arguments."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    pattern = re.compile(r"os\.environ\[\s*[\"']PPFLOWER_(VGG_WEIGHTS|DATA_DIR|CACHE_DIR)[\"']\s*\]\s*=|"
+                         r"os\.environ\.setdefault\(\s*[\"']PPFLOWER_(VGG_WEIGHTS|DATA_DIR|CACHE_DIR)")
+    writers = [str(p.relative_to(root)) for d in ("pp_flower", "strategies", "sims", "runtime", "experiments", "cli")
+               for p in (root / d).rglob("*.py") if pattern.search(p.read_text())]
+    assert not writers, f"these set a user-facing path variable instead of passing the path on: {writers}"
+
+
+def test_attack_hands_vgg_weights_down_without_the_environment(tmp_path, monkeypatch, vgg_weights):
+    """`ppflower attack --vgg-weights W` reaches attack_targets as an argument; train_attack loads φ from it."""
+    from typer.testing import CliRunner
+
+    import pp_flower.evaluation
+    from cli.ppflower import app
+
+    monkeypatch.delenv("PPFLOWER_VGG_WEIGHTS", raising=False)
+    seen = {}
+    monkeypatch.setattr(pp_flower.evaluation, "attack_targets", lambda **kwargs: seen.update(kwargs))
+    result = CliRunner().invoke(app, ["attack", "--baseline", "pixel", "--key", "1", "--vgg-weights", str(vgg_weights),
+                                      "--out", str(tmp_path / "atk"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert str(seen["vgg_weights"]) == str(vgg_weights)
+    assert "PPFLOWER_VGG_WEIGHTS" not in __import__("os").environ
+
+
+def test_train_attack_loads_phi_from_its_vgg_weights_argument(tmp_path, monkeypatch, data_dir, vgg_weights):
+    from dataclasses import replace
+
+    import pp_flower.features
+    from pp_flower.attack import AttackConfig, train_attack
+    from pp_flower.data import ImageSet, load_splits
+
+    s = load_splits(data_dir, limit_train=64, limit_eval=16)
+    crop = lambda part: ImageSet(part.images[:, :, 12:20, 12:20].contiguous(), part.labels, part.classes)  # noqa: E731
+    toy = replace(s, train=crop(s.train), val=crop(s.val), test=crop(s.test))
+    monkeypatch.delenv("PPFLOWER_VGG_WEIGHTS", raising=False)
+    real, paths = pp_flower.features.load_feature_net, []
+    monkeypatch.setattr(pp_flower.features, "load_feature_net",
+                        lambda weights=None, *a, **k: paths.append(weights) or real(weights, *a, **k))
+    cfg = AttackConfig(epochs=1, batch_size=32, unet_base=4, unet_depth=2, perceptual=0.01)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_attack(lambda x: 1 - x, toy, tmp_path / "atk", cfg, vgg_weights=vgg_weights, log=lambda *a: None)
+    finally:
+        torch.set_num_threads(threads)
+    assert paths == [vgg_weights]
