@@ -93,7 +93,8 @@ def bench_deployment(args, classifier: str, mode: str) -> dict:
                     phases.setdefault(parts[i + 3], []).append(float(parts[i + 4]))
         result["phases_median_seconds"] = {k: statistics.median(v) for k, v in phases.items()}
         result["phases_messages"] = {k: len(v) for k, v in phases.items()}
-        args.phases_out.write_text("\n".join(line for line in node_log.splitlines() if "ppflower-superexec: pid" in line))
+        phase_lines = [line for line in node_log.splitlines() if "ppflower-superexec: pid" in line]
+        args.phases_out.write_text("\n".join(phase_lines))
     return result
 
 
@@ -125,7 +126,8 @@ def main() -> None:
     for mode in args.modes.split(","):
         r = bench_simulation(args, args.classifier) if mode == "sim" else bench_deployment(args, args.classifier, mode)
         results.append(r)
-        print(f"{r['mode']:<64} round {r['median_round_seconds']:.2f} s  (user {r['user_compute_critical_per_round']:.2f}"
+        print(f"{r['mode']:<64} round {r['median_round_seconds']:.2f} s"
+              f"  (user {r['user_compute_critical_per_round']:.2f}"
               f" + provider {r['provider_compute_per_round']:.2f} + messaging {r['messaging_per_round']:.2f})"
               f"  whole run {r['wall_seconds_whole_run']:.0f} s", flush=True)
         if "phases_median_seconds" in r:
@@ -139,7 +141,8 @@ def main() -> None:
         args.out.write_text(json.dumps({
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
                        f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}",
-            "torch": torch.__version__, "flwr": flwr.__version__, "args": {k: _portable(v) for k, v in vars(args).items()},
+            "torch": torch.__version__, "flwr": flwr.__version__,
+            "args": {k: _portable(v) for k, v in vars(args).items()},
             "results": results}, indent=2))
 
 

@@ -60,7 +60,8 @@ def bench_flower(cfg: AppConfig, users: int, steps: int, cores: int) -> dict:
     run_dir = Path(tempfile.mkdtemp(prefix=f"bench{users}-"))
     rc = {**cfg.to_run_config(), "limit-train": users * steps * cfg.batch_size, "limit-eval": 8, "eval-chunk": 8,
           "run-dir": str(run_dir), "num-threads": max(1, cores // users)}
-    simulate(server_app, client_app, users, rc, num_cpus=min(cores, max(cores / users, 0.5)), start_trainers=start_trainers)
+    simulate(server_app, client_app, users, rc, num_cpus=min(cores, max(cores / users, 0.5)),
+             start_trainers=start_trainers)
     run = json.loads((run_dir / "run.json").read_text())
     rounds = [r for r in run["rounds"][WARMUP:] if r["images"]]  # the last round only applies a gradient
     t = run["timing"]

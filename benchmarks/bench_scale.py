@@ -308,8 +308,9 @@ def main() -> None:
     import torch
 
     result = {"steps": steps_main, "users": users_main, "overhead": overhead_main, "gpu": gpu_main}[args.what](args)
+    accelerator = "CUDA " + torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU only"
     result["machine"] = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
-                         f"{torch.__version__}, {'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'}")
+                         f"{torch.__version__}, {accelerator}")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
         if args.what == "users":

@@ -204,7 +204,8 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     marker = f"PPFLOWER_BENCH_SERVE_{uuid.uuid4().hex}"
     cores = os.cpu_count()
-    cmd = [sys.executable, "-m", "cli.ppflower", "serve", "--classifier", str(classifier), "--tokens", str(work / "tokens"),
+    cmd = [sys.executable, "-m", "cli.ppflower", "serve",
+           "--classifier", str(classifier), "--tokens", str(work / "tokens"),
            "--port", str(port), "--replicas", str(args.replicas), "--cpus-per-replica", str(args.cpus_per_replica),
            "--batch-size", str(args.batch_size), "--batch-wait-ms", str(args.batch_wait_ms),
            "--num-cpus", str(max(cores, int(args.cpus_per_replica * args.replicas))),
@@ -244,7 +245,8 @@ def main() -> None:
                     n = service["requests"] * k
                     service_cpu = service_cpu_seconds(marker) - cpu0[0]
                     client_cpu = time.process_time() - cpu0[1]  # includes the warm-up requests: an upper bound
-                    service.update(cpu_ms_per_image=service_cpu * 1000 / n, client_cpu_ms_per_image=client_cpu * 1000 / n)
+                    service.update(cpu_ms_per_image=service_cpu * 1000 / n,
+                                   client_cpu_ms_per_image=client_cpu * 1000 / n)
                     load = round(os.getloadavg()[0], 2)
                     rounds.append({"local": local, "service": service, "loadavg_1m": load,
                                    "ratio": service["images_per_s"] / local["images_per_s"],

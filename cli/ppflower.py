@@ -77,7 +77,8 @@ def train_classifier_cmd(
                                           help="Cross-entropy label smoothing (the paper: 0)."),
     fast: bool = typer.Option(False, "--fast", help="Channels-last + bfloat16 autocast in the training step "
                                                     "(evaluation stays fp32); ~1.8× on a CPU with AVX512-BF16. "
-                                                    "Without native bf16 it keeps fp32 (emulated bf16 is ~12× slower)."),
+                                                    "Without native bf16 it keeps fp32 "
+                                                    "(emulated bf16 is ~12× slower)."),
     baseline: str = typer.Option("", "--baseline", help="Train ψ on protected images: tanaka, pixel, pixel-per-image, "
                                                         "or gan (with --transform from `ppflower train-gan`)."),
     key: int = typer.Option(0, "--key", min=0, help="The baseline's key (stored in the checkpoint and metrics)."),
@@ -144,7 +145,8 @@ def train_gan_cmd(
 @app.command()
 def attack(
     transform: Optional[Path] = typer.Option(None, "--transform", help="A user's h_θ checkpoint (best.pt) to attack."),
-    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="A finished simulation: attack every user's best.pt."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir",
+                                           help="A finished simulation: attack every user's best.pt."),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="A keyed encryption to attack: tanaka, pixel or "
                                                                    "pixel-per-image."),
     key: int = typer.Option(0, "--key", min=0, help="The baseline's key (stored with the results)."),
@@ -155,7 +157,23 @@ def attack(
     unet_base: int = typer.Option(16, "--unet-base", min=4, help="Attacker U-Net width (the paper: 64)."),
     unet_depth: int = typer.Option(4, "--unet-depth", min=1, max=6, help="Attacker U-Net depth (image sides must be "
                                                                           "divisible by 2**depth)."),
-    strong: bool = typer.Option(False, "--strong", help="Also run the stronger attacker (MSE + VGG feature loss)."),
+    strong: bool = typer.Option(False, "--strong", help="Also run the stronger attackers: the ITN with a VGG feature "
+                                                       "loss and the paired restorer (Adam, L1 + VGG perceptual)."),
+    restorer: bool = typer.Option(False, "--restorer", help="Also run the paired restorer (implied by --strong)."),
+    restorer_lr: float = typer.Option(1e-3, "--restorer-lr", help="The restorer's Adam learning rate (≤ 0.01)."),
+    restorer_perceptual: float = typer.Option(0.01, "--restorer-perceptual-weight", min=0.0,
+                                              help="The restorer's VGG perceptual-loss weight (beside L1 at 1)."),
+    adversarial_weight: float = typer.Option(0.0, "--adversarial-weight", min=0.0,
+                                             help="The restorer's PatchGAN adversarial-loss weight (0 = none)."),
+    wire: Optional[str] = typer.Option(None, "--wire", help="What the provider received: uint8 or float32 (default: "
+                                                            "the run's, from RUN_DIR/run.json; float32 adds "
+                                                            "attackers on logit(x̂))."),
+    observer: Optional[Path] = typer.Option(None, "--observer", help="A classifier trained on plain images: its "
+                                                                     "accuracy on the estimates measures what an "
+                                                                     "attack recognises (best attack by it too)."),
+    labels: bool = typer.Option(False, "--labels", help="Label inference instead of image attacks: what each user of "
+                                                        "--run-dir infers of the provider's labels from the "
+                                                        "gradients it received (seconds)."),
     perceptual_weight: float = typer.Option(1e-4, "--perceptual-weight", min=0.0,
                                             help="Feature-loss weight of --strong."),
     force: bool = typer.Option(False, "--force", help="Recompute attacks whose cached results in OUT came from another "
@@ -168,19 +186,34 @@ def attack(
     vgg_weights: Optional[Path] = VggWeights,
     device: str = Device,
 ):
-    """ITN-Attack: train an inverse network on pairs (h_θ(x), x) and measure how much of x comes back (PSNR, SSIM)."""
-    from pp_flower.attack import AttackConfig
-    from pp_flower.evaluation import attack_targets
+    """How much comes back of what the provider received: the ITN-Attack (and, with --strong, stronger attackers)
+    train on pairs (what the provider holds, x) and are measured by PSNR, SSIM and an observer; with --labels,
+    the labels a user infers from its gradients. Results: OUT/summary.json (best attack per target)."""
+    from pp_flower.attack import AttackConfig, restorer_config
+    from pp_flower.evaluation import attack_targets, label_inference
+    from pp_flower.wire import WIRES
 
-    cfg = AttackConfig(epochs=epochs, batch_size=batch_size, lr=lr, unet_base=unet_base, unet_depth=unet_depth)
-    AttackConfig(perceptual=perceptual_weight)  # its range, before any work
-    device = resolve_device(device)
     if run_dir is not None and not run_dir.is_dir():  # before the lock, which would create RUN_DIR/attack
         raise PPFlowerError(f"Run directory {run_dir} does not exist.")
+    if labels:
+        if run_dir is None:
+            raise PPFlowerError("--labels needs --run-dir: the users' kept gradients are in RUN_DIR/user-K/.")
+        lock_out(out or run_dir / "attack")
+        label_inference(run_dir, data_dir, out, log=console.print)
+        return
+    if wire is not None and wire not in WIRES:
+        raise PPFlowerError(f"--wire must be one of {', '.join(WIRES)}, got {wire!r}.")
+    cfg = AttackConfig(epochs=epochs, batch_size=batch_size, lr=lr, unet_base=unet_base, unet_depth=unet_depth)
+    AttackConfig(perceptual=perceptual_weight)  # its range, before any work
+    rcfg = restorer_config(cfg, lr=restorer_lr, perceptual=restorer_perceptual, adversarial=adversarial_weight)
+    if observer is not None and not observer.is_file():
+        raise PPFlowerError(f"Observer checkpoint {observer} does not exist.")
+    device = resolve_device(device)
     lock_out(out or (run_dir / "attack" if run_dir else Path("runs/attack")))  # the default of attack_targets
     attack_targets(transform=transform, run_dir=run_dir, baseline=baseline, key=key, out=out, cfg=cfg, strong=strong,
                    perceptual_weight=perceptual_weight, force=force, data_dir=data_dir, limit_train=limit_train,
-                   limit_eval=limit_eval, device=device, log=console.print, vgg_weights=vgg_weights)
+                   limit_eval=limit_eval, device=device, log=console.print, vgg_weights=vgg_weights, wire=wire,
+                   observer=observer, restorer=rcfg if (strong or restorer) else None)
 
 
 @app.command()
@@ -252,8 +285,9 @@ def serve(
     image_size: int = typer.Option(32, "--image-size", min=1, help="Side of the square images ψ takes."),
     max_images: int = typer.Option(256, "--max-images", help="Most images per request."),
     max_request_mb: float = typer.Option(16.0, "--max-request-mb", help="Largest request body (MiB)."),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Attach to a running Ray cluster "
-                                                                          "(HOST:PORT or auto) instead of starting one."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address",
+                                              help="Attach to a running Ray cluster "
+                                                   "(HOST:PORT or auto) instead of starting one."),
     num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help="Cores of the Ray instance started here "
                                                                     "(default: all)."),
 ):

@@ -52,7 +52,8 @@ def run_demo(out: Path, data_dir=None, vgg_weights=None, device: str = "cpu", lo
     runner = StageRunner(out, lambda: _data_fingerprint(data_dir), log,
                          elsewhere="use another --out for this demo (its budget or data changed)")
     clf_dir = out / "classifier"
-    log(f"[bold]1/4[/] provider trains ψ (ResNet-20, {CLASSIFIER['epochs']} epochs on {CLASSIFIER['limit_train']} images)")
+    log(f"[bold]1/4[/] provider trains ψ (ResNet-20, {CLASSIFIER['epochs']} epochs "
+        f"on {CLASSIFIER['limit_train']} images)")
 
     def train_psi() -> None:
         splits = load_splits(data_dir, limit_train=CLASSIFIER["limit_train"], limit_eval=CLASSIFIER["limit_eval"])

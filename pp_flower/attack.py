@@ -342,9 +342,9 @@ def train_attack(target: Target, splits: Splits, out_dir: str | Path, cfg: Attac
         return {"train-loss": loss.item(), **losses}
 
     def save_best(epoch: int, val: dict) -> None:
-        save_atomic({"kind": "inverse_net", "base": cfg.unet_base, "depth": cfg.unet_depth, "unet-arch": cfg.unet_arch, "in_channels": in_channels,
-                     "state_dict": estimator.state_dict(), "target": name, "epoch": epoch, "wire": wire,
-                     "input": view, "method": cfg.method}, out / "best.pt")
+        save_atomic({"kind": "inverse_net", "base": cfg.unet_base, "depth": cfg.unet_depth, "unet-arch": cfg.unet_arch,
+                     "in_channels": in_channels, "state_dict": estimator.state_dict(), "target": name, "epoch": epoch,
+                     "wire": wire, "input": view, "method": cfg.method}, out / "best.pt")
 
     if cfg.method == "itn":
         selected_on = "validation MSE"
@@ -573,7 +573,8 @@ def summarise_attacks(results: dict[str, dict]) -> dict[str, dict]:
     for (name, wire), attackers in sorted(groups.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
         rows = {a: attacker_row(r, tag) for a, (tag, r) in sorted(attackers.items())}
         first = next((r for _, (_, r) in sorted(attackers.items()) if "psnr-protected" in r), None)
-        protected = ({"psnr-median": first["psnr-protected"]["median"], "ssim-median": first["ssim-protected"]["median"],
+        protected = ({"psnr-median": first["psnr-protected"]["median"],
+                      "ssim-median": first["ssim-protected"]["median"],
                       "observer-accuracy": first.get("recognisability-protected")} if first else None)
         out[name if names.count(name) == 1 else f"{name} [{wire}]"] = {
             "wire": wire, "protected": protected, "attackers": rows, "best": best_attack(rows)}

@@ -87,7 +87,7 @@ class TrainerServer:
             with self.lock:
                 try:
                     result = ("ok", getattr(self.target, method)(*args))
-                except Exception as exc:  # the reason travels back; the ClientApp raises it for Flower to report
+                except Exception as exc:  # noqa: BLE001 - any error travels back; the ClientApp raises it for Flower
                     result = ("error", f"{exc.__class__.__name__}: {exc}")
             try:
                 conn.send(result)

@@ -83,7 +83,7 @@ class AppConfig:
                 raise PPFlowerError(f"Run-config key '{key}' must be a whole number, got {value!r}.")
             try:
                 values[name] = typ(value)
-            except (TypeError, ValueError, OverflowError) as exc:
+            except (TypeError, ValueError, OverflowError):
                 raise PPFlowerError(f"Run-config key '{key}' must be {typ.__name__}, got {value!r}.") from None
             if typ is float and not math.isfinite(values[name]):
                 raise PPFlowerError(f"Run-config key '{key}' must be a finite number, got {value!r}.")
@@ -127,7 +127,8 @@ class AppConfig:
         try:
             return {int(e) for e in self.keep_epochs.replace(" ", "").split(",") if e}
         except ValueError:
-            raise PPFlowerError(f"keep-epochs must list whole epochs like \"1,2,4,8\", got {self.keep_epochs!r}.") from None
+            raise PPFlowerError(
+                f"keep-epochs must list whole epochs like \"1,2,4,8\", got {self.keep_epochs!r}.") from None
 
     def to_run_config(self) -> dict[str, Any]:
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}
@@ -197,8 +198,6 @@ def preflight(cfg: AppConfig) -> None:
     The run dir must be writable, ψ must exist and be a classifier for the data's classes, the images must fit
     the U-Net's depth and φ's weights must load.
     """
-    from pathlib import Path
-
     from pp_flower.checkpoints import ensure_writable_dir, load_classifier
     from pp_flower.data import load_datasets
     from pp_flower.features import load_feature_net

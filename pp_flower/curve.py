@@ -25,7 +25,6 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from pp_flower.checkpoints import load_resume_point, save_atomic, transform_blob
 from pp_flower.config import AppConfig

@@ -96,7 +96,8 @@ def accepted_extensions() -> str:
 
 
 def _visible(name: str) -> bool:
-    """Hidden entries (``.ipynb_checkpoints``, ``.DS_Store``, AppleDouble ``._x.jpg``) and system folders are no data."""
+    """Hidden entries (``.ipynb_checkpoints``, ``.DS_Store``, AppleDouble ``._x.jpg``) and system folders are no
+    data."""
     return not name.startswith(".") and name not in NOT_CLASS_FOLDERS
 
 
@@ -284,7 +285,7 @@ def _load_cached(key: str, build) -> ImageSet:
             # exits) reads only those pages instead of the whole file
             blob = torch.load(path, weights_only=True, mmap=True)
             result = ImageSet(blob["images"], blob["labels"], tuple(blob["classes"]))
-        except Exception:  # a half-written or stale cache is rebuilt, never trusted
+        except Exception:  # noqa: BLE001 - a half-written or stale cache is rebuilt, never trusted
             path.unlink(missing_ok=True)
             result = None
         if result is not None:
@@ -356,7 +357,8 @@ def load_datasets(data_dir: str | os.PathLike | None = None) -> tuple[ImageSet, 
         only_train = sorted(set(train_classes) - set(test_classes))
         only_test = sorted(set(test_classes) - set(train_classes))
         raise PPFlowerError(f"{root}: train/ and test/ must have the same class folders; only in train/: "
-                            f"{', '.join(only_train) or '—'}; only in test/: {', '.join(only_test) or '—'}. {DATA_HELP}")
+                            f"{', '.join(only_train) or '—'}; only in test/: {', '.join(only_test) or '—'}. "
+                            f"{DATA_HELP}")
     if len(train_classes) < 2:
         raise PPFlowerError(f"{root}: {len(train_classes)} class folder(s) ({', '.join(train_classes)}); a classifier "
                             f"needs at least 2 classes. {DATA_HELP}")
@@ -367,7 +369,8 @@ def load_datasets(data_dir: str | os.PathLike | None = None) -> tuple[ImageSet, 
     return train, test
 
 
-def stratified_split(labels: torch.Tensor, val_fraction: float = 0.1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def stratified_split(labels: torch.Tensor, val_fraction: float = 0.1,
+                     seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices (train, val): ``val_fraction`` of every class goes to validation, chosen with ``seed``.
 
     Both index lists come in a seeded random order (not class order), so their first N entries are a

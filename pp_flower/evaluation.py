@@ -26,9 +26,9 @@ def _images_and_others(folder: Path) -> tuple[list[Path], list[str]]:
         raise PPFlowerError(f"{folder} is a file, not a folder: put the images in a folder and give that.")
     files, others = image_files(folder)
     if not files:
-        raise PPFlowerError(f"{folder} holds no PNG or JPEG images, nor any other accepted kind{describe_others(others)}; "
-                            f"accepted: {accepted_extensions()} (any case; hidden files are ignored, subfolders are not "
-                            "searched).")
+        raise PPFlowerError(f"{folder} holds no PNG or JPEG images, nor any other accepted kind"
+                            f"{describe_others(others)}; accepted: {accepted_extensions()} (any case; hidden files are "
+                            "ignored, subfolders are not searched).")
     return files, others
 
 
@@ -112,7 +112,8 @@ def protect_folder(transform: Path, input_dir: Path, output_dir: Path, device: s
             written += 1
     if log is not None and others:
         log(f"skipped {len(others)} entr{'y' if len(others) == 1 else 'ies'} of {input_dir} that "
-            f"{'is' if len(others) == 1 else 'are'} not an image: {', '.join(others[:5])}{' …' if len(others) > 5 else ''}")
+            f"{'is' if len(others) == 1 else 'are'} not an image: "
+            f"{', '.join(others[:5])}{' …' if len(others) > 5 else ''}")
     return written
 
 
@@ -285,12 +286,13 @@ def attack_targets(transform=None, run_dir=None, out=None, cfg=None, strong=Fals
                      vgg_weights=vgg_weights)
     results = read_attack_results(out)  # every attack in out, not just this call's
     boxes = {}
-    for tag, r in results.items():
+    for r in results.values():
         name, attacker = r["target-name"], r["attacker"]
         if attacker == "ITN" and "psnr-protected" in r["per-image"]:
             boxes[f"{name}\nprotected"] = r["per-image"]["psnr-protected"]
         boxes[f"{name}\n{attacker} estimate"] = r["per-image"]["psnr-estimated"]
-    save_psnr_boxplot(boxes, out / "fig7_psnr_boxplot.png", title="PSNR to the plain test images (higher = more leaked)")
+    save_psnr_boxplot(boxes, out / "fig7_psnr_boxplot.png",
+                      title="PSNR to the plain test images (higher = more leaked)")
     summary = {tag: {**{k: r[k] for k in ("psnr-estimated", "psnr-protected", "ssim-estimated", "ssim-protected")
                         if k in r},
                      **{k: r.get(k) for k in ("wire", "input", "attacker", "target-name")},
@@ -311,3 +313,38 @@ def attack_targets(transform=None, run_dir=None, out=None, cfg=None, strong=Fals
         log(line)
     log(f"attack results → {out}/summary.json, box plot → {out}/fig7_psnr_boxplot.png")
     return summary
+
+
+def label_inference(run_dir: str | os.PathLike, data_dir=None, out: str | os.PathLike | None = None,
+                    log=None) -> list[dict]:
+    """What each user of a finished run infers of the provider's labels from the ∂L_class/∂x̂ it received.
+
+    Reads ``RUN_DIR/user-K/label-probe.pt`` (the gradients a user kept, run-config ``probe-images``), runs Li et
+    al. 2022's attacks (pp_flower.label_leakage) and scores them with the data set's labels — the labels only score
+    the guesses (and give the 10 per class the known-labels attack assumes). Writes ``OUT/labels.json`` (default
+    ``RUN_DIR/attack``) and returns one report per user (``user`` = its index). Raises PPFlowerError when the run
+    kept no probe (probe-images=0, or a run from before probes)."""
+    from pp_flower.data import load_datasets
+    from pp_flower.label_leakage import LabelProbe, format_table
+
+    run_dir = Path(run_dir)
+    probes = sorted(run_dir.glob("user-*/label-probe.pt"), key=lambda p: int(p.parent.name.split("-")[1]))
+    if not probes:
+        raise PPFlowerError(f"{run_dir} holds no user-K/label-probe.pt: the run kept no received gradients "
+                            "(run-config probe-images=0, or a run made before label probes).")
+    labels = load_datasets(data_dir)[0].labels
+    n_classes = int(labels.max()) + 1
+    reports = []
+    for path in probes:
+        try:
+            report = LabelProbe.load(path).report(labels, n_classes)
+        except ValueError as exc:  # not a probe, or too few images: one line naming the file
+            raise PPFlowerError(f"{path}: {exc}") from None
+        reports.append({"user": int(path.parent.name.split("-")[1]), **report})
+    out = Path(out) if out is not None else run_dir / "attack"
+    ensure_writable_dir(out, "label-inference output")
+    (out / "labels.json").write_text(json.dumps({"run-dir": str(run_dir), "users": reports}, indent=2))
+    if log is not None:
+        log(format_table(reports))
+        log(f"Label inference → {out / 'labels.json'}")
+    return reports

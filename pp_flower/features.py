@@ -95,7 +95,8 @@ def load_feature_net(weights: str | os.PathLike | None = None, layer: int = RELU
     missing = sorted(needed - {f"features.{k}" for k in sub})
     if missing:
         raise PPFlowerError(
-            f"VGG weights {path or 'from torchvision'} lack {', '.join(missing)} needed for layer {layer}. {WEIGHTS_HELP}"
+            f"VGG weights {path or 'from torchvision'} lack {', '.join(missing)} needed for layer {layer}. "
+            f"{WEIGHTS_HELP}"
         )
     try:
         features.load_state_dict(sub)

@@ -226,7 +226,8 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] % 2**self.depth or x.shape[-2] % 2**self.depth:
-            raise ValueError(f"U-Net of depth {self.depth} needs H and W divisible by {2**self.depth}, got {tuple(x.shape)}")
+            raise ValueError(f"U-Net of depth {self.depth} needs H and W divisible by {2**self.depth}, "
+                             f"got {tuple(x.shape)}")
         skips = []
         out = self.normalize(x)
         for i, block in enumerate(self.down):

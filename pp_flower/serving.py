@@ -173,7 +173,8 @@ def decode_npy(data: bytes, limits: Limits) -> np.ndarray:
         bits = f"{dtype.itemsize * 8}-bit " if dtype.kind in "ui" else ""
         raise RequestError(422, f".npy array has dtype {bits}{dtype}; the service takes 8-bit images (uint8)")
     if len(shape) != 4 or tuple(shape[1:]) != expected:
-        raise RequestError(422, f".npy array has shape {tuple(shape)}, the service takes (n, {', '.join(map(str, expected))})")
+        raise RequestError(422, f".npy array has shape {tuple(shape)}, "
+                                f"the service takes (n, {', '.join(map(str, expected))})")
     check_count(shape[0], limits)
     payload = data[buf.tell():]
     need = int(np.prod(shape))
@@ -187,7 +188,8 @@ def check_count(n: int, limits: Limits) -> None:
     if n < 1:
         raise RequestError(400, "no images in the request")
     if n > limits.max_images:
-        raise RequestError(413, f"{n} images in one request; at most {limits.max_images} (GET /v1/info), split the batch")
+        raise RequestError(413, f"{n} images in one request; at most {limits.max_images} (GET /v1/info), "
+                                "split the batch")
 
 
 def parse_multipart(body: bytes, content_type: str, limits: Limits) -> list[tuple[str, bytes]]:

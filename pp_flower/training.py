@@ -151,7 +151,8 @@ def fit(job: Job, out_dir: str | Path, log: Callable[[str], None] = print) -> di
                 progress["sums"][k] = progress["sums"].get(k, 0.0) + v * n
             progress["seen"] += n
             progress["step"] = step + 1
-            if job.checkpoint_every and progress["step"] % job.checkpoint_every == 0 and progress["step"] < len(batches):
+            at_checkpoint = job.checkpoint_every and progress["step"] % job.checkpoint_every == 0
+            if at_checkpoint and progress["step"] < len(batches):
                 checkpoint()
         record = {"epoch": epoch + 1, "lr": next(iter(job.optimizers.values())).param_groups[0]["lr"],
                   **{k: v / max(progress["seen"], 1) for k, v in progress["sums"].items()}}

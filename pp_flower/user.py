@@ -193,13 +193,14 @@ class LiveUser:
         momentum = {name: self.opt.state[p]["momentum_buffer"].cpu() for name, p in self.net.named_parameters()
                     if "momentum_buffer" in self.opt.state.get(p, {})}
         return {"kind": "user_state", "user-index": self.index, "unet-base": self.cfg.unet_base,
-                "alpha": self.cfg.alpha, "config": self.resume_key(), "state_dict": {k: v.cpu() for k, v in self.net.state_dict().items()},
+                "alpha": self.cfg.alpha, "config": self.resume_key(),
+                "state_dict": {k: v.cpu() for k, v in self.net.state_dict().items()},
                 "momentum": momentum, "progress": {**self.progress.to_dict(), "pending": False}}
 
     # run-config keys that change how a run ends, not what h_θ becomes: a resume point ignores them
     MECHANICS = ("run-dir", "step-timeout", "max-failures", "min-users", "wait-for-users", "num-threads",
-                 "user-device", "provider-device", "provider-microbatch", "keep-graph", "eval-chunk", "checkpoint-every",
-                 "keep-epochs", "probe-images")
+                 "user-device", "provider-device", "provider-microbatch", "keep-graph", "eval-chunk",
+                 "checkpoint-every", "keep-epochs", "probe-images")
 
     def resume_key(self) -> dict:
         """What a resume point must match to continue this user: its config, its batches and its images."""
@@ -347,7 +348,8 @@ class LiveUser:
     # --- evaluation ------------------------------------------------------------------------------------
     def _eval_net(self, phase: str) -> UNet:
         if phase == "test" and self.best is not None:
-            return unet_from_state_dict(self.best, self.cfg.unet_base, self.cfg.unet_depth, self.cfg.unet_arch).to(self.device).eval()
+            best = unet_from_state_dict(self.best, self.cfg.unet_base, self.cfg.unet_depth, self.cfg.unet_arch)
+            return best.to(self.device).eval()
         return self.net.eval()
 
     def evaluate(self, control: dict, result: dict | None) -> dict:

@@ -78,7 +78,8 @@ def make_credentials(folder: Path, users: int, hosts: tuple[str, ...] = ("127.0.
         return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
     ca_key = ec.generate_private_key(ec.SECP384R1())
-    ca_cert = (x509.CertificateBuilder().subject_name(name("pp-flower local CA")).issuer_name(name("pp-flower local CA"))
+    ca_name = name("pp-flower local CA")
+    ca_cert = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
                .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
                .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
@@ -297,7 +298,8 @@ class LocalDeployment:
                 return
             proc = self.processes[name]
             if proc.poll() is not None:
-                raise PPFlowerError(f"{name} exited with code {proc.returncode}; its log:\n{self.logtext(name)[-3000:]}")
+                raise PPFlowerError(f"{name} exited with code {proc.returncode}; its log:\n"
+                                    f"{self.logtext(name)[-3000:]}")
             time.sleep(0.2)
         raise PPFlowerError(f"{name} did not print '{needle}' within {timeout:g} s; its log:\n"
                             f"{self.logtext(name)[-3000:]}")
@@ -306,7 +308,8 @@ class LocalDeployment:
         argv = [_bin("flwr"), *args]
         result = subprocess.run(argv, capture_output=True, text=True, env=self.env, cwd=REPO, timeout=timeout)
         if result.returncode != 0:
-            raise PPFlowerError(f"`flwr {' '.join(args)}` failed ({result.returncode}):\n{result.stdout}{result.stderr}")
+            raise PPFlowerError(f"`flwr {' '.join(args)}` failed ({result.returncode}):\n"
+                                f"{result.stdout}{result.stderr}")
         return result.stdout
 
     def run_app(self, run_config: dict, timeout: float = 1800, on_line=None, watchdog=None) -> int:

@@ -5,17 +5,28 @@ API, so each calls :func:`check_flower_version` first: with another flwr they re
 silently changing nothing (or the wrong thing). tests/test_robustness.py fails with the same message when
 the installed flwr is not the pinned one.
 
-| patch (flwr 1.42) | internals it touches | what it changes |
-|---|---|---|
-| install_event_driven_dispatch | vce_api.add_messages_to_queue, InMemoryGrid.push_messages/pull_messages/get_node_ids | simulation dispatch wakes on push instead of polling every 100 ms; the grid raises once the engine has stopped, so a ServerApp never outlives its engine |
-| run_simulation_engine | flwr.simulation.run_simulation._run_simulation | runs a ServerApp + ClientApp pair with our Context and backend config |
-| install_fast_polling | start_client_internal.time, _pull_and_store_message, _push_messages, HEARTBEAT_DEFAULT_INTERVAL | SuperNode idle poll 3 s → learned gap then 20 ms ×1.3 ≤ 0.5 s, reply poll 0.5 s → 0.01 s, heartbeat 30 s → 10 s; wakes the SuperExec per message |
-| install_woken_superexec | run_superexec.time | SuperExec task poll 1 s → on wake-up from the SuperNode, else 0.5 s |
-| install_fast_object_pulls | inflatable_utils.pull_objects defaults | first retry of a not-yet-uploaded object after 5 ms instead of 1 s |
-| use_superexec | start_client_internal.subprocess | the SuperNode starts runtime.superexec instead of flower-superexec |
-| install_warm_clientapp | subprocess_executor.subprocess | the SuperExec forks ClientApp processes from a warm template |
-| profile_clientapp_phases | flwr.supernode.runtime.run_clientapp functions | logs each phase's duration (benchmarks only) |
-| plain_logs_when_piped | flwr.supercore.logger.update_console_handler | no ANSI colour codes in Flower's log lines when stderr is not a terminal |
+Each patch (flwr 1.42), with the internals it touches in parentheses, and what it changes:
+
+- ``install_event_driven_dispatch`` (vce_api.add_messages_to_queue,
+  InMemoryGrid.push_messages/pull_messages/get_node_ids): simulation dispatch wakes on push instead of polling
+  every 100 ms; the grid raises once the engine has stopped, so a ServerApp never outlives its engine.
+- ``run_simulation_engine`` (flwr.simulation.run_simulation._run_simulation): runs a ServerApp + ClientApp
+  pair with our Context and backend config.
+- ``install_fast_polling`` (start_client_internal.time, _pull_and_store_message, _push_messages,
+  HEARTBEAT_DEFAULT_INTERVAL): SuperNode idle poll 3 s → learned gap then 20 ms ×1.3 ≤ 0.5 s,
+  reply poll 0.5 s → 0.01 s, heartbeat 30 s → 10 s; wakes the SuperExec per message.
+- ``install_woken_superexec`` (run_superexec.time): SuperExec task poll 1 s → on wake-up from the SuperNode,
+  else 0.5 s.
+- ``install_fast_object_pulls`` (inflatable_utils.pull_objects defaults): first retry of a not-yet-uploaded
+  object after 5 ms instead of 1 s.
+- ``use_superexec`` (start_client_internal.subprocess): the SuperNode starts runtime.superexec instead of
+  flower-superexec.
+- ``install_warm_clientapp`` (subprocess_executor.subprocess): the SuperExec forks ClientApp processes from a
+  warm template.
+- ``profile_clientapp_phases`` (flwr.supernode.runtime.run_clientapp functions): logs each phase's duration
+  (benchmarks only).
+- ``plain_logs_when_piped`` (flwr.supercore.logger.update_console_handler): no ANSI colour codes in Flower's
+  log lines when stderr is not a terminal.
 """
 
 from __future__ import annotations

@@ -340,10 +340,10 @@ def main() -> None:
         app()
     except PPFlowerError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise SystemExit(2)
+        raise SystemExit(2) from None
     except KeyboardInterrupt:
         signals.print_resume_line()
-        raise SystemExit(130)
+        raise SystemExit(130) from None
     except SystemExit as exc:
         if exc.code == 130 and signals.interrupted():  # typer's silent Exit(130) for an interrupt
             signals.print_resume_line()

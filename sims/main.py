@@ -12,6 +12,10 @@ from pp_flower import protocol
 from sims.user_trainers import create_pool as start_trainers  # flower-simulation's hook: trainers before the run
 from sims.user_trainers import trainer_for
 
+# what runtime/flower_simulation.py and the tests take from this app module; start_trainers is looked up by name
+__all__ = ["absolute_paths", "client_app", "make_server_app", "prepare_run_config", "report_run", "server_app",
+           "start_trainers"]
+
 def route_logs_to_flower() -> None:
     """Send pp_flower's log records through Flower's logger, so `flwr run --stream` and SuperNode logs show them."""
     import logging
@@ -137,7 +141,8 @@ def setup(msg: Message, context: Context) -> Message:
     info = trainer.setup(key, meta, protocol.get_arrays(msg.content, protocol.IDS), resume)
     context.state[S_USER] = ConfigRecord({"key": key, "index": int(meta["user-index"]), "trainer": where})
     step = info.pop("step")  # > 0 when a restarted user resumed from its resume point
-    return Message(content=protocol.make_content(control={"step": step, "batch": protocol.NO_INDEX}, metrics=info), reply_to=msg)
+    content = protocol.make_content(control={"step": step, "batch": protocol.NO_INDEX}, metrics=info)
+    return Message(content=content, reply_to=msg)
 
 
 def relay(msg: Message, context: Context, kind: str) -> Message:
@@ -146,7 +151,8 @@ def relay(msg: Message, context: Context, kind: str) -> Message:
         raise RuntimeError(f"{protocol.NOT_SET_UP} (no query.setup message received; a restarted SuperNode?)")
     user = context.state.config_records[S_USER]
     trainer, _ = trainer_for(context, str(user["trainer"]))
-    arrays = {k: protocol.get_arrays(msg.content, k) for k in (protocol.GRAD, protocol.RESULT, protocol.WEIGHTS) if k in msg.content.array_records}
+    arrays = {k: protocol.get_arrays(msg.content, k) for k in (protocol.GRAD, protocol.RESULT, protocol.WEIGHTS)
+              if k in msg.content.array_records}
     control = dict(msg.content.config_records[protocol.CONTROL])
     reply = trainer.call(str(user["key"]), int(user["index"]), kind, control, arrays)
     return reply_message(msg, reply)

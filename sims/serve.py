@@ -319,4 +319,4 @@ def _shutdown(serve_started: bool) -> None:
         else:
             serve.delete(APP_NAME)  # someone else's Serve: take only our application away
     finally:
-        ray.shutdown()  # for a Ray instance started here, this also stops the raylet, GCS and workers started by ray.init
+        ray.shutdown()  # for a Ray instance started here, this also stops the raylet, GCS and workers ray.init started

@@ -591,7 +591,8 @@ class ProviderStrategy(Strategy):
             messages = self.configure_evaluate(server_round, ArrayRecord(), ConfigRecord({"phase": phase}), grid)
             replies = self.exchange(grid, messages, self.cfg.step_timeout, phase)
             self.aggregate_evaluate(server_round, replies.values())
-        done = {u: u.evaluation.metrics for u in self.users.values() if u.evaluation and u.evaluation.metrics is not None}
+        done = {u: u.evaluation.metrics for u in self.users.values()
+                if u.evaluation and u.evaluation.metrics is not None}
         for user in self.users.values():
             user.evaluation = None
         return done

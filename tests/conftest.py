@@ -90,7 +90,8 @@ def processes_with(marker: str) -> list[int]:
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            if marker.encode() in (entry / "environ").read_bytes() and "\nState:\tZ" not in (entry / "status").read_text():
+            ours = marker.encode() in (entry / "environ").read_bytes()
+            if ours and "\nState:\tZ" not in (entry / "status").read_text():
                 found.append(int(entry.name))
         except OSError:
             continue
@@ -114,7 +115,8 @@ def pytest_sessionfinish(session, exitstatus):
         names = []
         for pid in left:
             try:
-                names.append(f"{pid}: {Path(f'/proc/{pid}/cmdline').read_bytes().replace(bytes(1), b' ').decode()[:200]}")
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(bytes(1), b" ").decode()
+                names.append(f"{pid}: {cmdline[:200]}")
             except OSError:
                 continue
         if names:

@@ -291,7 +291,8 @@ def test_float32_wire_attacker_on_the_logit_sees_logit_of_xhat(toy, tmp_path, on
         ProviderTarget(h, "float16")
 
 
-def test_restorer_with_perceptual_and_adversarial_terms_resumes_to_the_same_estimator(toy, tmp_path, vgg_weights, one_thread):
+def test_restorer_with_perceptual_and_adversarial_terms_resumes_to_the_same_estimator(toy, tmp_path, vgg_weights,
+                                                                                      one_thread):
     from pp_flower.attack import ProviderTarget, load_inverse_net, restorer_config
 
     cfg = restorer_config(AttackConfig(epochs=2, batch_size=32, unet_base=4, unet_depth=2, checkpoint_every=2,

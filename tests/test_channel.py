@@ -23,7 +23,8 @@ def served(tmp_path, splits):
     secret = make_secret(private / "secret")
     server = TrainerServer(UserTrainer(num_threads=1), private / "trainer.sock", secret)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    ids = {"train": splits.train_ids[:16].numpy(), "val": splits.val_ids[:8].numpy(), "test": splits.test_ids[:8].numpy()}
+    ids = {"train": splits.train_ids[:16].numpy(), "val": splits.val_ids[:8].numpy(),
+           "test": splits.test_ids[:8].numpy()}
     yield server, secret, ids
     server.close()
 

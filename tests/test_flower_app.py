@@ -314,7 +314,7 @@ def test_every_readme_run_config_example_parses_with_flowers_own_parser():
     found = 0
     for doc in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
         text = doc.read_text().replace("\\\n", " ")
-        for quote, body in re.findall(r"--run-config\s+(['\"])(.*?)\1", text, flags=re.S):
+        for _quote, body in re.findall(r"--run-config\s+(['\"])(.*?)\1", text, flags=re.S):
             values = parse_config_args([" ".join(body.split())])
             assert values, (doc.name, body)
             AppConfig.from_run_config({k: v for k, v in values.items()})

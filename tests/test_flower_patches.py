@@ -1,4 +1,5 @@
-"""The deployment patches of flwr 1.42 internals (runtime/flower_patches.py): they change what they say, and only that."""
+"""The deployment patches of flwr 1.42 internals (runtime/flower_patches.py): they change what they say, and only
+that."""
 
 from __future__ import annotations
 
@@ -72,5 +73,6 @@ def test_the_superexec_wakes_when_the_supernode_stores_a_message(tmp_path):
     sleeper.start()
     sleeper.join(timeout=60)
     assert not sleeper.is_alive(), "the SuperExec slept through the SuperNode's wake-up"
-    for _ in range(70_000):  # more wake-ups than the pipe holds (64 KiB): the SuperNode never blocks on a busy SuperExec
+    # more wake-ups than the pipe holds (64 KiB): the SuperNode never blocks on a busy SuperExec
+    for _ in range(70_000):
         wake()

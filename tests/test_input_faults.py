@@ -243,7 +243,6 @@ def test_kind8_a_one_image_last_batch_never_reaches_batchnorm(tmp_path):
 def test_kind8_the_flower_app_and_its_reference_drop_the_same_one_image_batch(tiny32):
     """The split protocol's batches come from steps_per_epoch and train_batch on both paths; the in-process
     reference on 9 images, batch 8, depth 5 trains (a 1-image batch would raise in BatchNorm)."""
-    from pp_flower.checkpoints import load_classifier
     from pp_flower.config import AppConfig
     from pp_flower.data import load_datasets
     from pp_flower.features import load_feature_net

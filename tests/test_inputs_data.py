@@ -8,7 +8,6 @@ a folder's images are listed by one function (``pp_flower.data.image_files``). E
 
 from __future__ import annotations
 
-import io
 import os
 import subprocess
 import sys
@@ -77,7 +76,8 @@ def _cli(*args, env=None, timeout=900):  # seconds here; minutes on a 2-core box
 
 def test_kind1_hidden_and_system_folders_are_not_classes(tmp_path):
     """`.ipynb_checkpoints/` beside one real class made two classes (and accuracy 1.0); now: one class, refused."""
-    root = _tree(tmp_path / "d", {"train": {"cat": 3, ".ipynb_checkpoints": 2}, "test": {"cat": 2, ".ipynb_checkpoints": 1}})
+    root = _tree(tmp_path / "d", {"train": {"cat": 3, ".ipynb_checkpoints": 2},
+                                  "test": {"cat": 2, ".ipynb_checkpoints": 1}})
     with pytest.raises(PPFlowerError, match="needs at least 2 classes") as exc:
         data.load_datasets(root)
     assert ".ipynb_checkpoints" not in _one_line(exc)
@@ -169,7 +169,8 @@ def test_kind1_a_symlinked_class_folder_is_a_class(tmp_path):
 
 def test_kind1_cli_refuses_a_notebook_checkpoint_class(tmp_path):
     """The issue's command: `train-classifier` on train/{cat,.ipynb_checkpoints} exited 0 with accuracy 1.0."""
-    root = _tree(tmp_path / "d", {"train": {"cat": 4, ".ipynb_checkpoints": 4}, "test": {"cat": 2, ".ipynb_checkpoints": 2}})
+    root = _tree(tmp_path / "d", {"train": {"cat": 4, ".ipynb_checkpoints": 4},
+                                  "test": {"cat": 2, ".ipynb_checkpoints": 2}})
     proc = _cli("train-classifier", "--epochs", 1, "--batch-size", 2, "--data-dir", root, "--out", tmp_path / "c",
                 env={"PPFLOWER_CACHE_DIR": str(tmp_path / "cache")})
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -72,7 +72,8 @@ def test_trainer_refuses_an_unknown_key_and_a_key_for_another_user(tmp_path, spl
     from pp_flower.user import NotSetUp, UserTrainer
 
     trainer = UserTrainer()
-    ids = {"train": splits.train_ids[:16].numpy(), "val": splits.val_ids[:8].numpy(), "test": splits.test_ids[:8].numpy()}
+    ids = {"train": splits.train_ids[:16].numpy(), "val": splits.val_ids[:8].numpy(),
+           "test": splits.test_ids[:8].numpy()}
     trainer.setup("key-of-user-0", _meta(tmp_path, 0), ids)
     trainer.setup("key-of-user-1", _meta(tmp_path, 1), ids)
     want = {"grad-step": protocol.NO_INDEX, "want": 0}
@@ -92,7 +93,8 @@ def test_kept_graph_and_recomputed_forward_give_the_same_step(tmp_path, splits):
     from pp_flower import protocol
     from pp_flower.user import UserTrainer
 
-    ids = {"train": splits.train_ids[:16].numpy(), "val": splits.val_ids[:8].numpy(), "test": splits.test_ids[:8].numpy()}
+    ids = {"train": splits.train_ids[:16].numpy(), "val": splits.val_ids[:8].numpy(),
+           "test": splits.test_ids[:8].numpy()}
     grad = np.random.default_rng(0).standard_normal((16, 3, 32, 32)).astype(np.float32) * 1e-3
     nets = {}
     for mode in ("keep", "recompute"):

@@ -21,7 +21,8 @@ class LocalGrid:
     def __init__(self, client_app, num_nodes: int, lose=lambda node, msg: False, node_config=None):
         node_config = node_config or {"user-trainer": "in-process"}
         self.app, self.lose = client_app, lose
-        self.contexts = {n: Context(run_id=1, node_id=n, node_config=dict(node_config), state=RecordDict(), run_config={})
+        self.contexts = {n: Context(run_id=1, node_id=n, node_config=dict(node_config), state=RecordDict(),
+                                    run_config={})
                          for n in range(1, num_nodes + 1)}
         self.replies: dict[str, Message] = {}
         self.lost = 0
@@ -144,7 +145,8 @@ def test_one_round_reads_in_one_method_and_state_lives_in_init():
         for node in ast.walk(method):
             targets = node.targets if isinstance(node, ast.Assign) else \
                 [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else \
-                [i.optional_vars for i in node.items if i.optional_vars is not None] if isinstance(node, ast.With) else []
+                [i.optional_vars for i in node.items if i.optional_vars is not None] \
+                if isinstance(node, ast.With) else []
             for t in targets:
                 for leaf in ast.walk(t):
                     if isinstance(leaf, ast.Attribute) and isinstance(leaf.value, ast.Name) and leaf.value.id == "self":
@@ -156,7 +158,8 @@ def test_one_round_reads_in_one_method_and_state_lives_in_init():
 
 def test_grad_noise_scales_with_each_gradient(tmp_path, classifier_ckpt):
     """The grad-noise defence adds N(0, σ²) with σ = grad-noise·‖g‖/√d per image; 0 returns g untouched."""
-    provider = ProviderStrategy(AppConfig(**{"grad_noise": 0.5}), torch.nn.Linear(1, 1), torch.zeros(4, dtype=torch.long),
+    provider = ProviderStrategy(AppConfig(**{"grad_noise": 0.5}), torch.nn.Linear(1, 1),
+                                torch.zeros(4, dtype=torch.long),
                                 {"train": torch.arange(4), "val": torch.arange(0), "test": torch.arange(0)})
     g = torch.randn(64, 3, 32, 32) * torch.logspace(-3, 1, 64).view(64, 1, 1, 1)
     noisy = provider._perturb(g)

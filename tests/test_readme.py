@@ -22,7 +22,9 @@ ppflower() {{ "$PY" -m tests.readme_commands ppflower "$@"; }}
 flower-simulation() {{ "$PY" -m tests.readme_commands flower-simulation "$@"; }}
 pip() {{ echo "[readme] skipped: pip $*"; }}
 python3() {{ if [ "$1 $2" = "-m venv" ]; then mkdir -p "$3/bin" && : > "$3/bin/activate"; else "$PY" "$@"; fi; }}
-python() {{ if [ "$1 $2" = "-m pytest" ]; then echo "[readme] skipped: the test suite (CI runs it)"; else "$PY" "$@"; fi; }}
+python() {{
+    if [ "$1 $2" = "-m pytest" ]; then echo "[readme] skipped: the test suite (CI runs it)"; else "$PY" "$@"; fi
+}}
 """
 
 

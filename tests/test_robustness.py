@@ -47,7 +47,8 @@ def test_flower_patches_refuse_another_flower_version():
     from runtime.flower_patches import FLWR_SERIES, check_flower_version
 
     check_flower_version(f"{FLWR_SERIES}.7")
-    with pytest.raises(PPFlowerError, match=r"flwr 1\.43\.0 is installed, but pp-flower patches internals of flwr 1\.42"):
+    refusal = r"flwr 1\.43\.0 is installed, but pp-flower patches internals of flwr 1\.42"
+    with pytest.raises(PPFlowerError, match=refusal):
         check_flower_version("1.43.0")
 
 

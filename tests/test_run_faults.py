@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -129,7 +128,7 @@ def test_server_app_stops_at_once_when_the_simulation_engine_dies(tmp_path, clas
                                         "run-dir": str(tmp_path / "run")}).to_run_config()
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=config)
     before = set(threading.enumerate())
-    with pytest.raises(Exception):
+    with pytest.raises(RuntimeError):  # flwr wraps the engine's "ActorPool is empty" ValueError in RuntimeError
         run_simulation_engine(server_app, client_app, 2, {"client_resources": {"num_cpus": 10_000, "num_gpus": 0.0}},
                               context)
     _wait_for(lambda: not [t for t in set(threading.enumerate()) - before if not t.daemon and t.is_alive()], 120,

@@ -451,7 +451,8 @@ def test_unknown_routes_and_methods_are_json_4xx(service):
 def test_bad_options_are_refused_in_one_line_before_ray_starts(setup, tmp_path):
     (tmp_path / "short").write_text("abc\n")
     cases = [
-        (["serve", "--classifier", str(setup["psi"]), "--tokens", str(tmp_path / "missing")], "Cannot read the token file"),
+        (["serve", "--classifier", str(setup["psi"]), "--tokens", str(tmp_path / "missing")],
+         "Cannot read the token file"),
         (["serve", "--classifier", str(setup["psi"]), "--tokens", str(tmp_path / "short")], "shorter than 16"),
         (["serve", "--classifier", str(setup["h"]), "--tokens", str(setup["work"] / "tokens.txt")], "classifier"),
         (["serve", "--classifier", str(setup["psi"]), "--tokens", str(setup["work"] / "tokens.txt"),

@@ -51,7 +51,7 @@ def _split_vs_in_process(vgg_weights, wire: str, provider_wire: str) -> tuple[di
     net_b.load_state_dict(net_a.state_dict())
     opt_a, opt_b = (make_optimizer(n, 0.05, 0.9, 5e-4) for n in (net_a, net_b))
     alpha = 0.01
-    for step in range(4):
+    for _ in range(4):
         x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
         reference_step(net_a, opt_a, clf, phi, x, y, alpha, wire=wire)
         sent = W.encode(user_forward(net_b, x), provider_wire)          # user → provider: x̂ only, on the wire

@@ -68,9 +68,9 @@ class StageRunner:
     """Named stages, each run once and resumable: a stage whose ``done`` file exists is skipped.
 
     Wall times (summed over resumed attempts), attempt counts and each stage's command are kept in
-    ``OUT/stages.json``. ``fingerprint()`` names the data every stage draws from (asked once); it joins every stage's key.
-    ``until`` names a stage after which the run stops (:class:`StopAfter`). ``elsewhere`` is the refusal's hint
-    where a changed run should go instead."""
+    ``OUT/stages.json``. ``fingerprint()`` names the data every stage draws from (asked once); it joins every
+    stage's key. ``until`` names a stage after which the run stops (:class:`StopAfter`). ``elsewhere`` is the
+    refusal's hint where a changed run should go instead."""
 
     def __init__(self, out: Path, fingerprint, log=print, until: str = "",
                  elsewhere: str = "use another --workdir and --out for this run"):
@@ -220,9 +220,9 @@ class Reproduction:
 
         ignore = {*LiveUser.MECHANICS, "classifier", "data-dir", "vgg-weights"}  # ψ's and the data's keys cover them
         key = {"users": self.preset.users, **{k: v for k, v in run_config.items() if k not in ignore}}
-        self.stage(name, run_dir / "run.json", run,
-                   f"flower-simulation --app sims.main --num-supernodes {self.preset.users} --run-config {shlex.quote(rc)}",
-                   key)
+        command = (f"flower-simulation --app sims.main --num-supernodes {self.preset.users} "
+                   f"--run-config {shlex.quote(rc)}")
+        self.stage(name, run_dir / "run.json", run, command, key)
         return run_dir
 
     def gan(self) -> Path:
@@ -238,26 +238,33 @@ class Reproduction:
                    + f" --out {out}", {**asdict(cfg), "limit-train": self.preset.gan_limit_train})
         return out
 
-    def attack(self, row: str, target, target_id: str, perceptual: float = 0.0, stage: str = "") -> Path:
-        """The ITN-Attack on one row (``perceptual`` > 0: the stronger attacker), with recognisability."""
-        from pp_flower.attack import AttackConfig, target_fingerprint, train_attack
+    def attack(self, row: str, target, target_id: str, perceptual: float = 0.0, stage: str = "",
+               restorer: bool = False) -> Path:
+        """An attacker on one row's provider-held tensor (``target``: a ProviderTarget), with recognisability:
+        the paper's ITN-Attack, ``perceptual`` > 0 the ITN with a VGG feature loss, ``restorer`` the paired
+        restorer (Adam, L1 + VGG perceptual)."""
+        from pp_flower.attack import AttackConfig, attack_key, restorer_config, target_fingerprint, train_attack
 
-        stage = stage or f"attack-{row}" + (f"-strong-w{perceptual:g}" if perceptual else "")
+        suffix = "-restorer" if restorer else (f"-strong-w{perceptual:g}" if perceptual else "")
+        stage = stage or f"attack-{row}{suffix}"
         out = self.work / stage
         cfg = AttackConfig(**{**self.preset.attack, "perceptual": perceptual})
+        if restorer:
+            cfg = restorer_config(cfg)
+        attacker = "restorer" if restorer else ("ITN+feat" if perceptual else "ITN")
         observer_path = self.work / f"observer-{self.preset.archs[0]}" / "best.pt"
         observer = self._observer(observer_path)
         self.stage(stage, out / "attack.json",
                    lambda: train_attack(target, self.splits(self.preset.attack_limit_train), out, cfg, self.device,
                                         name=ROW_NAMES.get(row, row), log=self.log, target_id=target_id,
-                                        observer=(observer, target_fingerprint(observer_path)),
-                                        vgg_weights=self.vgg_weights),
+                                        observer=(observer, target_fingerprint(observer_path)), attacker=attacker,
+                                        target_name=row, vgg_weights=self.vgg_weights),
                    f"ppflower attack ... --epochs {cfg.epochs} --unet-base {cfg.unet_base} "
-                   + (f"--strong {perceptual:g} " if perceptual else "")
-                   + f"--limit-train {self.preset.attack_limit_train} --out {out}",
-                   {"target": target_id, **{k: v for k, v in asdict(cfg).items() if k != "checkpoint_every"},
-                    "limit-train": self.preset.attack_limit_train, "limit-eval": self.preset.limit_eval,
-                    "observer": target_fingerprint(observer_path)})
+                   + ("--restorer " if restorer else f"--strong {perceptual:g} " if perceptual else "")
+                   + f"--wire {target.wire} --limit-train {self.preset.attack_limit_train} --out {out}",
+                   {"target": target_id, **{k: v for k, v in attack_key(cfg).items() if k != "checkpoint_every"},
+                    **target.cache_fields(), "limit-train": self.preset.attack_limit_train,
+                    "limit-eval": self.preset.limit_eval, "observer": target_fingerprint(observer_path)})
         return out
 
     def _observer(self, path: Path):
@@ -283,9 +290,10 @@ class Reproduction:
 
     # --- the whole thing ---------------------------------------------------------------------------------
     def run(self) -> dict:
-        from pp_flower.attack import network_target, target_fingerprint
+        from pp_flower.attack import provider_target, target_fingerprint
         from pp_flower.baselines import BASELINES
         from pp_flower.checkpoints import load_transform_net
+        from pp_flower.evaluation import wire_of_run
 
         p = self.preset
         started = time.time()
@@ -293,8 +301,9 @@ class Reproduction:
         transforms: dict[str, Path] = {}
         first = p.archs[0]
 
-        def h_target(path: Path):
-            return network_target(load_transform_net(path)[0], self.device), target_fingerprint(path)
+        def h_target(path: Path):  # h_θ as the provider held its outputs: on its run's wire
+            wire = wire_of_run(path.parent.parent) or p.transform.get("wire", "uint8")
+            return provider_target(load_transform_net(path)[0], wire, "image", self.device), target_fingerprint(path)
 
         # the science first: ψ, the observer, h_θ per α and its attacks; the baselines after
         psis = {arch: self.classifier(arch) for arch in p.archs}
@@ -315,6 +324,7 @@ class Reproduction:
                     transforms[row_key(alpha)] = run_dir / "user-0" / "best.pt"
         attacks = {row: self.attack(row, *h_target(path)) for row, path in transforms.items()}
         strong = self.strong_attacks(transforms, h_target)
+        restorers = {row: self.attack(row, *h_target(path), restorer=True) for row, path in transforms.items()}
         budget = self.budget_curve(psis[first], h_target)
         defence = self.defence(psis[first], columns[first])
 
@@ -330,11 +340,14 @@ class Reproduction:
                                  "key": BASELINE_KEYS.get(baseline, GAN_TARGET_KEY if baseline == "gan" else None)}
         if "gan" in transforms:
             attacks["gan"] = self.attack("gan", *h_target(transforms["gan"]))
+            restorers["gan"] = self.attack("gan", *h_target(transforms["gan"]), restorer=True)
         for baseline in p.baselines:
-            if baseline in BASELINES:
-                attacks[baseline] = self.attack(baseline, BASELINES[baseline](BASELINE_KEYS[baseline]),
-                                                f"{baseline}:key{BASELINE_KEYS[baseline]}")
-        return self.report(columns, attacks, strong, budget, transforms, time.time() - started, defence)
+            if baseline in BASELINES:  # encrypted images travel as 8-bit images
+                target = provider_target(BASELINES[baseline](BASELINE_KEYS[baseline]), "uint8")
+                tid = f"{baseline}:key{BASELINE_KEYS[baseline]}"
+                attacks[baseline] = self.attack(baseline, target, tid)
+                restorers[baseline] = self.attack(baseline, target, tid, restorer=True)
+        return self.report(columns, attacks, strong, budget, transforms, time.time() - started, defence, restorers)
 
     def strong_attacks(self, transforms: dict[str, Path], h_target) -> dict[str, Path]:
         """The stronger attacker on every α row, its feature-loss weight chosen on one row's validation MSE."""
@@ -414,15 +427,23 @@ class Reproduction:
     # --- report ------------------------------------------------------------------------------------------
     # --- report ------------------------------------------------------------------------------------------
     def report(self, columns: dict, attacks: dict[str, Path], strong: dict[str, Path], budget: dict,
-               transforms: dict[str, Path], wall: float, defence: list[dict] | None = None) -> dict:
+               transforms: dict[str, Path], wall: float, defence: list[dict] | None = None,
+               restorers: dict[str, Path] | None = None) -> dict:
         """Table I (``table1.json``, ``table1.md``) and the figures, from the stages' outputs."""
         from pp_flower.data import to_float
         from pp_flower.report import save_frontier
 
         p = self.preset
+        from pp_flower.attack import summarise_attacks
+
+        restorers = restorers or {}
         attack_results = {row: read_json(path / "attack.json") for row, path in attacks.items()}
-        table = build_table(p, columns, attack_results, strong)
-        copy_stage_outputs(self.work, self.out, {**attacks, **{f"{row}-strong": path for row, path in strong.items()}})
+        table = build_table(p, columns, attack_results, strong, restorers)
+        every = {**attacks, **{f"{row}-strong": path for row, path in strong.items()},
+                 **{f"{row}-restorer": path for row, path in restorers.items()}}
+        copy_stage_outputs(self.work, self.out, every)
+        (self.out / "attack" / "summary.json").write_text(json.dumps(
+            summarise_attacks({tag: read_json(path / "attack.json") for tag, path in every.items()}), indent=2))
         total_wall = sum(s["wall-seconds"] for s in self.stages.values())
         meta = {"preset": asdict(p), "command": " ".join(["ppflower", "reproduce", "--preset", p.name]),
                 "commit": git_commit(), "machine": machine(), "device": self.device,

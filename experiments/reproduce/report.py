@@ -62,11 +62,15 @@ def table_rows(preset: Preset) -> list[str]:
             *(row_key(a) for a in preset.alphas)]
 
 
-def build_table(preset: Preset, columns: dict, attack_results: dict[str, dict], strong: dict[str, Path]) -> list[dict]:
+def build_table(preset: Preset, columns: dict, attack_results: dict[str, dict], strong: dict[str, Path],
+                restorers: dict[str, Path] | None = None) -> list[dict]:
     """One entry per row: the measured accuracy per architecture beside the paper's, and the attacks' results.
 
     ``columns[arch][row]`` holds each row's accuracy (stage outputs), ``attack_results[row]`` each row's
-    ``attack.json``, ``strong[row]`` the stronger attacker's stage directory."""
+    ``attack.json`` (the paper's ITN), ``strong[row]`` / ``restorers[row]`` the stage directories of the ITN with
+    a VGG feature loss and of the paired restorer. *Best attack*: the strongest of them by each criterion
+    separately (median PSNR, median SSIM, the observer's accuracy on the estimates)."""
+    restorers = restorers or {}
     table = []
     for row in table_rows(preset):
         entry = {"row": row, "method": ROW_NAMES[row]}
@@ -88,20 +92,22 @@ def build_table(preset: Preset, columns: dict, attack_results: dict[str, dict], 
             entry["itn-ssim"] = r["ssim-estimated"]
             entry["recognisability-protected"] = r.get("recognisability-protected")
             entry["recognisability-itn"] = r.get("recognisability-estimated")
-            # the better of the paper's attacker and the stronger one (higher median PSNR)
-            best = r
+            others = {"ITN": r}
             if row in strong:
-                s = read_json(strong[row] / "attack.json")
-                entry["strong-psnr"], entry["strong-ssim"] = s["psnr-estimated"], s["ssim-estimated"]
-                entry["strong-weight"] = s["config"]["perceptual"]
-                if s["psnr-estimated"]["median"] > r["psnr-estimated"]["median"]:
-                    best = s
-                entry["recognisability-best-attack"] = max(r.get("recognisability-estimated", 0.0),
-                                                           s.get("recognisability-estimated", 0.0))
-            else:
-                entry["recognisability-best-attack"] = r.get("recognisability-estimated")
-            entry["best-attack-psnr"] = max(r["psnr-estimated"]["median"], best["psnr-estimated"]["median"])
-            entry["best-attack-ssim"] = max(r["ssim-estimated"]["median"], best["ssim-estimated"]["median"])
+                others["ITN+feat"] = st = read_json(strong[row] / "attack.json")
+                entry["strong-psnr"], entry["strong-ssim"] = st["psnr-estimated"], st["ssim-estimated"]
+                entry["strong-weight"] = st["config"]["perceptual"]
+            if row in restorers:
+                others["restorer"] = rr = read_json(restorers[row] / "attack.json")
+                entry["restorer-psnr"], entry["restorer-ssim"] = rr["psnr-estimated"], rr["ssim-estimated"]
+                entry["recognisability-restorer"] = rr.get("recognisability-estimated")
+            for key, pick in (("best-attack-psnr", lambda a: a["psnr-estimated"]["median"]),
+                              ("best-attack-ssim", lambda a: a["ssim-estimated"]["median"]),
+                              ("recognisability-best-attack", lambda a: a.get("recognisability-estimated"))):
+                scored = {name: pick(a) for name, a in others.items() if pick(a) is not None}
+                best = max(scored, key=scored.get) if scored else None
+                entry[key] = scored[best] if best else None
+                entry[f"{key}-by"] = best
         table.append(entry)
     return table
 
@@ -148,8 +154,9 @@ def markdown(table: list[dict], p: Preset, meta: dict, defence: list[dict] = ())
              "Test accuracy of ψ on each kind of image (%), measured by this product on the same data, beside the "
              "paper's Table I; protected-image PSNR and the ITN-Attack's estimate PSNR (medians over the test "
              "images, dB; lower = better protection); SSIM lies in [−1, 1] (1 = the plain image's structure, 0 = "
-             "none, < 0 = inverted structure, e.g. a negative-like image). *Best attack*: the better of the paper's ITN-Attack and a "
-             "stronger one with a VGG16 feature loss (weight chosen on validation, `strong_sweep.json`). "
+             "none, < 0 = inverted structure, e.g. a negative-like image). *Best attack*: the better of the "
+             "paper's ITN-Attack and a stronger one with a VGG16 feature loss (weight chosen on validation, "
+             "`strong_sweep.json`). "
              "*Recognisable*: test accuracy (%) of an independent classifier trained on plain images (the "
              "observer), on the protected images and on the better attack's estimates; chance is 10 %, plain "
              f"images give the observer's {100 * meta.get('observer-accuracy', float('nan')):.1f} %.", "",
@@ -169,7 +176,8 @@ def markdown(table: list[dict], p: Preset, meta: dict, defence: list[dict] = ())
         for arch in p.archs:
             cells += [_fmt(e[arch]["measured"]), _fmt(e[arch]["paper"])]
         prot = e.get("protected-psnr")
-        cells += [e.get("wire", "—"),("—" if e["row"] == "plain" else "n/a (6 channels)") if prot is None else _fmt(prot["median"]),
+        no_psnr = "—" if e["row"] == "plain" else "n/a (6 channels)"
+        cells += [e.get("wire", "—"), no_psnr if prot is None else _fmt(prot["median"]),
                   _fmt(e["itn-psnr"]["median"]) if "itn-psnr" in e else "—",
                   _fmt(e["itn-ssim"]["median"], 3) if "itn-ssim" in e else "—",
                   f"{_fmt(e['best-attack-psnr'])} / {_fmt(e['best-attack-ssim'], 3)}" if "best-attack-psnr" in e
@@ -233,7 +241,7 @@ def save_psnr_boxes(rows: list[str], attack_results: dict[str, dict], path: Path
 def save_figures(out: Path, x: torch.Tensor, preset: Preset, transforms: dict[str, Path],
                  attacks: dict[str, Path]) -> None:
     """Fig. 5 (protected images per α) and Fig. 6 (plain / protected / estimated with PSNR) of test images ``x``."""
-    from pp_flower.attack import attack_columns, load_inverse_net, network_target, save_fig6
+    from pp_flower.attack import attack_columns, load_inverse_net, provider_target, save_fig6
     from pp_flower.baselines import BASELINES
     from pp_flower.checkpoints import load_transform_net
     from pp_flower.metrics import psnr
@@ -251,8 +259,9 @@ def save_figures(out: Path, x: torch.Tensor, preset: Preset, transforms: dict[st
 
     columns = []
     for row, path in attacks.items():
-        target = (network_target(load_transform_net(transforms[row])[0]) if row in transforms
-                  else BASELINES[row](BASELINE_KEYS[row]))
+        wire = read_json(path / "attack.json").get("wire", "float32")  # the tensor this attacker was handed
+        target = provider_target(load_transform_net(transforms[row])[0] if row in transforms
+                                 else BASELINES[row](BASELINE_KEYS[row]), wire)
         columns.append(attack_columns(load_inverse_net(path / "best.pt"), target, x, ROW_NAMES[row]))
     save_fig6(x, columns, out / "fig6_attack.png",
               "Fig. 6: plain / protected / ITN-Attack estimate (PSNR to the plain image)")

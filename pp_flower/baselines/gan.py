@@ -12,7 +12,8 @@ learns to produce encryption-like images without anyone managing keys:
 Our reading of the paper's description: the target encryption (``target``) and λ are configurable and
 reported with the results. A keyed pixel-wise encryption differs from position to position, which
 convolutions alone cannot express, so G is a U-Net that also sees a learned positional map
-(:class:`~pp_flower.models.PositionalUNet`); the key ends up in G's weights, no key is needed at use time. Training is resumable (``last.pt``, pp_flower.training); the result is a
+(:class:`~pp_flower.models.PositionalUNet`); the key ends up in G's weights, no key is needed at use time.
+Training is resumable (``last.pt``, pp_flower.training); the result is a
 ``transform_net`` checkpoint, so ``ppflower attack --transform`` and ``protect`` take it like any h_θ.
 """
 
@@ -72,8 +73,10 @@ class PatchDiscriminator(nn.Module):
         super().__init__()
         self.net = nn.Sequential(
             nn.Conv2d(6, width, 4, 2, 1), nn.LeakyReLU(0.2, inplace=True),
-            nn.Conv2d(width, 2 * width, 4, 2, 1, bias=False), nn.BatchNorm2d(2 * width), nn.LeakyReLU(0.2, inplace=True),
-            nn.Conv2d(2 * width, 4 * width, 3, 1, 1, bias=False), nn.BatchNorm2d(4 * width), nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(width, 2 * width, 4, 2, 1, bias=False), nn.BatchNorm2d(2 * width),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(2 * width, 4 * width, 3, 1, 1, bias=False), nn.BatchNorm2d(4 * width),
+            nn.LeakyReLU(0.2, inplace=True),
             nn.Conv2d(4 * width, 1, 3, 1, 1),
         )
 
