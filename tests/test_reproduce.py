@@ -9,6 +9,10 @@ import pytest
 from experiments.reproduce import reproduce
 
 
+def table_text(out) -> str:
+    return (out / "table1.md").read_text()
+
+
 @pytest.mark.slow
 def test_smoke_preset_table_is_measured_and_resumable(tmp_path, data_dir, vgg_weights):
     out, work = tmp_path / "results", tmp_path / "work"
@@ -36,8 +40,29 @@ def test_smoke_preset_table_is_measured_and_resumable(tmp_path, data_dir, vgg_we
     assert f"{sweep['chosen']:g}" == min(sweep["val-mse"], key=sweep["val-mse"].get)
     for row in ("alpha0.005", "alpha0.1"):
         strong = json.loads((out / "attack" / f"{row}-strong.json").read_text())
-        assert strong["config"]["perceptual"] == sweep["chosen"]
-        assert rows[row]["best-attack-psnr"] == max(rows[row]["itn-psnr"]["median"], strong["psnr-estimated"]["median"])
+        restorer = json.loads((out / "attack" / f"{row}-restorer.json").read_text())
+        assert strong["config"]["perceptual"] == sweep["chosen"] and restorer["method"] == "restorer"
+        # every attacker trained and was measured on the 8-bit images the provider received (the default wire)
+        assert {a["wire"] for a in (strong, restorer, json.loads((out / "attack" / f"{row}.json").read_text()))} \
+            == {"uint8"} == {rows[row]["wire"]}
+        # the best attack: the strongest of the three, by each criterion separately
+        three = [rows[row]["itn-psnr"]["median"], strong["psnr-estimated"]["median"],
+                 restorer["psnr-estimated"]["median"]]
+        assert rows[row]["best-attack-psnr"] == max(three)
+        assert rows[row]["recognisability-best-attack"] == max(
+            a["recognisability-estimated"] for a in (strong, restorer, json.loads(
+                (out / "attack" / f"{row}.json").read_text())))
+        leak = rows[row]["label-leakage"]  # what the user inferred of the provider's labels, from its user-0.json
+        user = json.loads((out / f"transform-resnet20-a{row[5:]}" / "user-0.json").read_text())
+        assert leak == user["label-leakage"] and leak["chance"] == 0.1 and 0.0 <= leak["known-10-accuracy"] <= 1.0
+    summary = json.loads((out / "attack" / "summary.json").read_text())
+    assert set(summary["alpha0.005"]["attackers"]) == {"ITN", "ITN+feat", "restorer"}
+    # the grad-noise defence: the α = 0.005 row beside h_θ trained with the smoke preset's noise level
+    defence = json.loads((out / "defence.json").read_text())
+    assert [p["grad-noise"] for p in defence["points"]] == [0.0, 4.0]
+    assert defence["points"][0]["label-leakage"] == rows["alpha0.005"]["label-leakage"]
+    noisy = json.loads((out / "transform-resnet20-a0.005-noise4" / "run.json").read_text())
+    assert noisy["config"]["grad-noise"] == 4.0 and "grad-noise" in table_text(out)
     assert rows["tanaka"]["recognisability-protected"] is None  # 6 channels: nothing for an image classifier
     assert 0.0 <= rows["pixel"]["recognisability-protected"] <= 1.0
     # the budget curve: h_θ after each kept epoch (the smoke preset: α = 0.005 after epoch 1)
@@ -50,7 +75,7 @@ def test_smoke_preset_table_is_measured_and_resumable(tmp_path, data_dir, vgg_we
     table = (out / "table1.md").read_text()
     assert "Deviations from the paper" in table and f"| {rows['pixel']['resnet20']['measured']:.2f} |" in table
     for fig in ("fig5_alpha.png", "fig6_attack.png", "fig7_psnr_boxplot.png", "fig_frontier.png",
-                "fig_budget_curve.png"):
+                "fig_budget_curve.png", "fig_defence.png"):
         assert (out / fig).stat().st_size > 10_000
     # provenance names the data and weights relative to the repo, not by this machine's directories
     from experiments.reproduce import REPO
@@ -58,9 +83,10 @@ def test_smoke_preset_table_is_measured_and_resumable(tmp_path, data_dir, vgg_we
     for path in [*out.glob("*.json"), *out.glob("*/*.json"), out / "table1.md"]:
         assert f"{REPO.parent}/" not in path.read_text(), path
     stages = json.loads((out / "stages.json").read_text())
-    # ψ, observer, 2 h_θ, 2 attacks, 2 strong sweeps + 1 strong, GAN, 4 baseline ψ, 4 baseline attacks (the budget
-    # curve's one point is α = 0.005's selected h_θ, whose attack is reused)
-    assert all(s["finished"] and s["attempts"] == 1 for s in stages.values()) and len(stages) == 18, sorted(stages)
+    # ψ, observer, 2 h_θ + 1 with grad-noise, 2 attacks, 2 strong sweeps + 1 strong, 6 restorers (2 α rows, GAN, 3
+    # baselines), GAN, 4 baseline ψ, 4 baseline attacks (the budget curve's one point is α = 0.005's selected h_θ,
+    # whose attack is reused)
+    assert all(s["finished"] and s["attempts"] == 1 for s in stages.values()) and len(stages) == 25, sorted(stages)
     # a second run finds every stage done and only rewrites the report
     again = reproduce("smoke", out, work, data_dir, vgg_weights, log=lambda *a: None)
     assert again["rows"] == result["rows"]

@@ -86,6 +86,7 @@ def build_table(preset: Preset, columns: dict, attack_results: dict[str, dict], 
                 entry["label-leakage"] = columns[arch][row].get("label-leakage")
         if row in attack_results:
             r = attack_results[row]
+            entry.setdefault("wire", r.get("wire"))  # a baseline's encrypted images travel as 8-bit images too
             entry["protected-psnr"] = r.get("psnr-protected")
             entry["protected-ssim"] = r.get("ssim-protected")
             entry["itn-psnr"] = r["psnr-estimated"]
