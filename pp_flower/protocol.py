@@ -74,12 +74,6 @@ def make_content(config: dict | None = None, control: dict | None = None, metric
     return rd
 
 
-def get_tensors(content: RecordDict, key: str) -> dict[str, torch.Tensor] | None:
-    if key not in content.array_records:
-        return None
-    return {name: array_tensor(a) for name, a in content.array_records[key].items()}
-
-
 class ProtocolError(ValueError):
     """A message that breaks the protocol; the reason goes back to its sender."""
 

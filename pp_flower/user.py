@@ -44,8 +44,6 @@ log = logging.getLogger("pp_flower.user")
 _BACKGROUND = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pp-feature")
 OVERLAP = os.environ.get("PPFLOWER_FEATURE_OVERLAP", "1") != "0"
 
-# keys of the setup config that describe the user, not the run
-USER_KEYS = ("user-index", "steps-per-epoch", "out-dir")
 
 
 @dataclass
@@ -526,8 +524,3 @@ class UserTrainer:
         user.best, user.acc = blob.get("best"), dict(blob.get("acc") or {})
         self.users[key] = user
 
-    def forget(self, key: str) -> None:
-        self.users.pop(key, None)
-
-    def ping(self) -> str:
-        return "pong"

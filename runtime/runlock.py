@@ -57,20 +57,3 @@ def unlock_dir(key: str) -> None:
     if held[1] <= 0:
         del _HELD[key]
         os.close(held[0])  # closing the descriptor releases the flock
-
-
-def is_locked(directory: str | os.PathLike) -> bool:
-    """True while some process (this one included) holds ``directory``'s lock."""
-    path = Path(directory).expanduser().resolve() / LOCK_NAME
-    if os.path.realpath(path) in _HELD:
-        return True
-    if not path.exists():
-        return False
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
