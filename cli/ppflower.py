@@ -409,6 +409,8 @@ def curve(
     precision: str = typer.Option("auto", "--precision", help="fp32, bf16 (autocast in the training step; "
                                                               "measurements stay fp32), or auto: bf16 where the "
                                                               "hardware has native bf16, else fp32."),
+    wire: str = typer.Option("uint8", "--wire", help="What ψ sees in training: uint8 (the 8-bit image, the app's "
+                                                     "default) or float32 (x̂ itself)."),
     out: Optional[Path] = typer.Option(None, "--out", help="curve.json and figures [default: results/curve/"
                                                            "a<α>-w<width>]."),
     workdir: Optional[Path] = typer.Option(None, "--workdir", help="Resume point and best h_θ [default: "
@@ -428,7 +430,7 @@ def curve(
     if precision == "auto":
         precision = "bf16" if bf16_autocast_pays(device) else "fp32"
     cfg = CurveConfig(alpha=alpha, unet_base=unet_base, lr=lr, batch_size=batch_size, eval_every=eval_every,
-                      eval_images=eval_images, precision=precision)
+                      eval_images=eval_images, precision=precision, wire=wire)
     name = f"a{alpha:g}-w{unet_base}"
     out, workdir = out or Path("results/curve") / name, workdir or Path("runs/curve") / name
     console.print(f"curve: α = {alpha:g}, width {unet_base}, {steps} steps, {precision} on {device} → {out}")

@@ -58,12 +58,13 @@ class CurveConfig:
     eval_every: int = 50
     eval_images: int = 1000
     precision: str = "fp32"       # fp32, or bf16 autocast in the training step (measurements are always fp32)
+    wire: str = "uint8"           # what ψ sees in training: the 8-bit image (as in the app's default) or float32 x̂
 
     def app_config(self) -> AppConfig:
         cfg = AppConfig(alpha=self.alpha, epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
                         momentum=self.momentum, weight_decay=self.weight_decay, augment=self.augment,
                         unet_base=self.unet_base, unet_depth=self.unet_depth, unet_arch=self.unet_arch,
-                        seed=self.seed)
+                        seed=self.seed, wire=self.wire)
         cfg.check()
         if self.precision not in ("fp32", "bf16"):
             raise PPFlowerError(f"--precision must be fp32 or bf16, got '{self.precision}'.")
