@@ -81,51 +81,6 @@ def _unit_rows(flat: Tensor) -> Tensor:
     return flat / torch.where(norms > 0, norms, torch.ones_like(norms))
 
 
-def _linear_sum_assignment_max(score: np.ndarray) -> list[tuple[int, int]]:
-    """The (row, column) pairs of a square integer matrix that maximise the summed score: the Hungarian method.
-
-    Kuhn–Munkres with potentials (shortest augmenting paths), O(k³), in exact integer arithmetic. Written here
-    because scipy is not a dependency of the project; tests check it against brute force.
-    """
-    cost = -np.asarray(score, dtype=np.int64)
-    k = cost.shape[0]
-    inf = np.iinfo(np.int64).max // 4
-    u = [0] * (k + 1)
-    v = [0] * (k + 1)
-    match = [0] * (k + 1)  # match[j] = row (1-based) assigned to column j; column 0 is the virtual start
-    way = [0] * (k + 1)
-    for i in range(1, k + 1):
-        match[0] = i
-        j0 = 0
-        minv = [inf] * (k + 1)
-        used = [False] * (k + 1)
-        while True:
-            used[j0] = True
-            i0 = match[j0]
-            delta, j1 = inf, 0
-            for j in range(1, k + 1):
-                if not used[j]:
-                    cur = int(cost[i0 - 1, j - 1]) - u[i0] - v[j]
-                    if cur < minv[j]:
-                        minv[j], way[j] = cur, j0
-                    if minv[j] < delta:
-                        delta, j1 = minv[j], j
-            for j in range(k + 1):
-                if used[j]:
-                    u[match[j]] += delta
-                    v[j] -= delta
-                else:
-                    minv[j] -= delta
-            j0 = j1
-            if match[j0] == 0:
-                break
-        while j0:
-            j1 = way[j0]
-            match[j0] = match[j1]
-            j0 = j1
-    return sorted((match[j] - 1, j - 1) for j in range(1, k + 1))
-
-
 # ------------------------------------------------------------------------------------------------ attacks
 
 
@@ -232,8 +187,10 @@ def best_match_accuracy(clusters: Tensor, labels: Tensor, n_classes: int) -> flo
     size = max(k, int(clusters.max().item()) + 1)
     counts = torch.zeros(size, size, dtype=torch.int64)
     counts.index_put_((clusters, labels), torch.ones_like(labels), accumulate=True)
-    pairs = _linear_sum_assignment_max(counts.numpy())
-    return sum(int(counts[r, c]) for r, c in pairs) / len(labels)
+    from scipy.optimize import linear_sum_assignment  # the Hungarian method
+
+    rows, cols = linear_sum_assignment(counts.numpy(), maximize=True)
+    return int(counts[torch.as_tensor(rows), torch.as_tensor(cols)].sum()) / len(labels)
 
 
 def known_labels_attack(grads: Tensor, labels: Tensor, known_per_class: int = KNOWN_PER_CLASS,
@@ -297,13 +254,6 @@ def two_most_frequent_classes(labels: Tensor) -> tuple[int, int]:
     return int(classes[order[0]]), int(classes[order[1]])
 
 
-def _average_ranks(values: np.ndarray) -> np.ndarray:
-    """1-based ranks of ``values``, ties sharing the average of their ranks."""
-    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
-    end = np.cumsum(counts)
-    return ((end - counts + 1 + end) / 2.0)[inverse.reshape(-1)]
-
-
 def norm_attack_auc(grads: Tensor, labels: Tensor) -> float:
     """Li et al.'s norm attack on two classes: the AUC of the gradient's L2 norm as a score for the class.
 
@@ -338,7 +288,9 @@ def norm_attack_auc(grads: Tensor, labels: Tensor) -> float:
     positive = a if norms[lab == a].mean() > norms[lab == b].mean() else b
     pos = lab == positive
     n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-    ranks = _average_ranks(norms)
+    from scipy.stats import rankdata
+
+    ranks = rankdata(norms, method="average")  # 1-based, ties sharing the average of their ranks
     return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
