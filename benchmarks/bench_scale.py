@@ -1,15 +1,14 @@
 """Scale of the Flower app with live users, measured from outside the app (issue: paper scale on Flower).
 
-    python benchmarks/bench_scale.py steps --out benchmarks/results_scale_cpu2.json
+    python benchmarks/bench_steps.py --configs 64x16 16x128    # per-step time, app vs in-process (was: steps)
     python benchmarks/bench_scale.py users --users 8 16 32 64 --out benchmarks/results_users_cpu2.json
     python benchmarks/bench_scale.py overhead --batch-size 16 --steps 30 --out benchmarks/results_overhead_cpu2.json
     benchmarks/gpu_check.sh        # = bench_scale.py gpu, on one GPU (≤ 8 min on an H100)
 
-``steps``: per-step time of whole ``flower-simulation`` runs, = (wall(N2 steps) − wall(N1 steps)) / (N2 − N1),
-best of two runs each, against the in-process reference loop timed the same way with the same cores
-(``--num-cpus`` = cores ÷ users). Everything a run does once (Ray start-up, image cache, φ, validation, test)
-cancels in the difference; everything it does per step — compute, messages, state handling — does not.
-Also the app's own per-round timing: overhead = round − user compute − provider compute (median).
+``steps`` moved to benchmarks/bench_steps.py (issue #24): here, every reference run but the first started while
+the Flower run before it was still shutting down, and best-of-N paired that clean first run with contaminated
+longer ones, so the in-process loop looked slower than it is. Every run here now starts only once the processes
+of the run before it are gone (bench_steps.wait_until_gone).
 
 ``users``: one run per user count with tiny shards and a small U-Net: wall time, median round, and the peak
 memory of all the run's processes (sum of resident sets, and of proportional sets, which split shared pages).
@@ -34,7 +33,12 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("PPFLOWER_QUIET", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
+import psutil  # noqa: E402
+from bench_steps import Run, wait_until_gone  # noqa: E402  (benchmarks/ is sys.path[0] when run as a script)
+
 from runtime.deploy_local import descendants  # noqa: E402  (a process and everything below it, via psutil)
+
+_previous: list[Run | None] = [None]  # the last run's processes: the next run starts once they are gone
 
 
 # ------------------------------------------------------------------------------------------- memory
@@ -56,7 +60,10 @@ def _memory(pids: list[int]) -> tuple[int, int]:
 
 
 def run_watched(cmd: list[str], env: dict | None = None) -> dict:
-    """Run ``cmd``; wall seconds and peak memory of its whole process tree (Ray's processes included)."""
+    """Run ``cmd`` (once no process of the run before remains); wall seconds and peak memory of its whole process
+    tree (Ray's processes included)."""
+    wait_until_gone(_previous[0], 180.0)
+    seen: dict[int, psutil.Process] = {}
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak = {"rss": 0, "pss": 0, "processes": 0}
@@ -64,6 +71,11 @@ def run_watched(cmd: list[str], env: dict | None = None) -> dict:
     def watch():
         while proc.poll() is None:
             pids = descendants(proc.pid)
+            for pid in set(pids) - set(seen):
+                try:
+                    seen[pid] = psutil.Process(pid)
+                except psutil.Error:
+                    pass
             rss, pss = _memory(pids)
             if rss > peak["rss"]:
                 peak.update(rss=rss, processes=len(pids))
@@ -75,6 +87,7 @@ def run_watched(cmd: list[str], env: dict | None = None) -> dict:
     out, _ = proc.communicate()
     wall = time.perf_counter() - started
     watcher.join()
+    _previous[0] = Run("run", 0, None, cmd, pid=proc.pid, seen=list(seen.values()))
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-3000:]}")
     return {"wall": wall, "peak_rss_bytes": peak["rss"], "peak_pss_bytes": peak["pss"],
@@ -153,43 +166,6 @@ def per_step(runners: dict, n1: int, n2: int, repeats: int = 2) -> tuple[dict, l
                 walls[name][n].append(r["wall"])
                 runs.append({**r, "runner": name})
     return {name: (min(w[n2]) - min(w[n1])) / (n2 - n1) for name, w in walls.items()}, runs
-
-
-def steps_main(args) -> dict:
-    out = {"what": "per-step seconds from whole-run walls: (wall(N2) - wall(N1)) / (N2 - N1), best of "
-                   f"{args.repeats}, runs interleaved", "n1": args.n1, "n2": args.n2}
-    configs = {"64x16": (64, 16, [1]), "16x128": (16, 128, [1, 4]), "16x16": (16, 16, [1])}
-    for key in args.configs:
-        width, batch, users_list = configs[key]
-        runners = {"reference": lambda n: reference_run(args, width, batch, n)}
-        for users in users_list:
-            runners[f"flower-{users}"] = (lambda u: lambda n: sim_run(args, u, width, batch, n))(users)
-        per, runs = per_step(runners, args.n1, args.n2, args.repeats)
-        ref = per["reference"]
-        row = {"width": width, "batch": batch, "reference_s_per_step": ref, "flower": []}
-        print(f"width {width}, batch {batch}: in-process {ref:.3f} s/step", flush=True)
-        for users in users_list:
-            flower = per[f"flower-{users}"]
-            longest = max((r for r in runs if r["runner"] == f"flower-{users}"), key=lambda r: r["steps"])
-            entry = {"users": users, "s_per_round": flower, "images_per_s": users * batch / flower,
-                     "ratio_to_reference": ref / flower if users == 1 else None,
-                     "internal_median_round_s": longest["median_round_s"],
-                     "internal_median_overhead_s": longest["median_overhead_s"],
-                     "internal_median_user_compute_s": longest["median_user_compute_s"],
-                     "internal_median_provider_compute_s": longest["median_provider_compute_s"],
-                     "graph_modes": longest["graph_modes"],
-                     "walls": [(r["steps"], r["wall"]) for r in runs if r["runner"] == f"flower-{users}"]}
-            row["flower"].append(entry)
-            print(f"  Flower, {users} user(s): {flower:.3f} s/round, {entry['images_per_s']:.1f} images/s"
-                  + (f", {ref / flower:.2f} × in-process" if users == 1 else "")
-                  + f"; internal overhead {entry['internal_median_overhead_s'] * 1000:.1f} ms/round", flush=True)
-        row["reference_walls"] = [(r["steps"], r["wall"]) for r in runs if r["runner"] == "reference"]
-        one = row["flower"][0]["images_per_s"]
-        for entry in row["flower"][1:]:
-            entry["aggregate_to_one_user"] = entry["images_per_s"] / one
-            print(f"  {entry['users']} users aggregate / 1 user = {entry['aggregate_to_one_user']:.2f}", flush=True)
-        out[f"width{width}_batch{batch}"] = row
-    return out
 
 
 def users_main(args) -> dict:
@@ -279,20 +255,19 @@ def plot_users(result: dict, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["steps", "users", "overhead", "reference", "plot", "gpu"])
+    if sys.argv[1:2] == ["steps"]:
+        raise SystemExit("bench_scale.py steps was replaced by benchmarks/bench_steps.py (issue #24), e.g.\n"
+                         "    python benchmarks/bench_steps.py --configs 64x16 16x128")
+    ap.add_argument("what", choices=["users", "overhead", "reference", "plot", "gpu"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dry", action="store_true", help="gpu: rehearse on CPU at tiny sizes")
     ap.add_argument("--classifier", default="")
-    ap.add_argument("--n1", type=int, default=4)
-    ap.add_argument("--n2", type=int, default=14)
     ap.add_argument("--users", type=int, nargs="+", default=[8, 16, 32, 64])
     ap.add_argument("--unet-base", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--keep-graph", default="auto")
-    ap.add_argument("--repeats", type=int, default=3, help="steps: runs per step count (the best one counts)")
-    ap.add_argument("--configs", nargs="+", default=["64x16", "16x128", "16x16"],
-                    help="steps: WIDTHxBATCH regimes to measure (64x16, 16x128 with 1 and 4 users, 16x16)")
+    ap.add_argument("--repeats", type=int, default=3, help="overhead: runs per width")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     if args.what == "reference":
@@ -307,7 +282,7 @@ def main() -> None:
         save_atomic(classifier_blob(ResNet20(), "resnet20", 10), args.classifier)
     import torch
 
-    result = {"steps": steps_main, "users": users_main, "overhead": overhead_main, "gpu": gpu_main}[args.what](args)
+    result = {"users": users_main, "overhead": overhead_main, "gpu": gpu_main}[args.what](args)
     accelerator = "CUDA " + torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU only"
     result["machine"] = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
                          f"{torch.__version__}, {accelerator}")
