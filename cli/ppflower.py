@@ -198,16 +198,32 @@ def attack(
     if labels:
         if run_dir is None:
             raise PPFlowerError("--labels needs --run-dir: the users' kept gradients are in RUN_DIR/user-K/.")
+        ignored = [name for name, given in (("--transform", transform), ("--baseline", baseline), ("--wire", wire),
+                                            ("--strong", strong), ("--restorer", restorer), ("--observer", observer))
+                   if given]
+        if ignored:
+            raise PPFlowerError(f"--labels measures label inference only; {', '.join(ignored)} belong to the image "
+                                "attacks (run them in a separate call).")
         lock_out(out or run_dir / "attack")
         label_inference(run_dir, data_dir, out, log=console.print)
         return
     if wire is not None and wire not in WIRES:
         raise PPFlowerError(f"--wire must be one of {', '.join(WIRES)}, got {wire!r}.")
+    if wire is not None and baseline is not None and transform is None and run_dir is None:
+        raise PPFlowerError("--wire applies to h_θ's x̂; a baseline's encrypted images travel as 8-bit images.")
+    import math
+
+    if not (math.isfinite(restorer_lr) and 0 < restorer_lr <= 0.01):
+        raise PPFlowerError(f"--restorer-lr must be in (0, 0.01] (Adam), got {restorer_lr!r}.")
+    for option, value in (("--restorer-perceptual-weight", restorer_perceptual),
+                          ("--adversarial-weight", adversarial_weight)):
+        if not math.isfinite(value):
+            raise PPFlowerError(f"{option} must be a finite number ≥ 0, got {value!r}.")
     cfg = AttackConfig(epochs=epochs, batch_size=batch_size, lr=lr, unet_base=unet_base, unet_depth=unet_depth)
     AttackConfig(perceptual=perceptual_weight)  # its range, before any work
     rcfg = restorer_config(cfg, lr=restorer_lr, perceptual=restorer_perceptual, adversarial=adversarial_weight)
     if observer is not None and not observer.is_file():
-        raise PPFlowerError(f"Observer checkpoint {observer} does not exist.")
+        raise PPFlowerError(f"Observer checkpoint {observer} is not a file (give a classifier's best.pt).")
     device = resolve_device(device)
     lock_out(out or (run_dir / "attack" if run_dir else Path("runs/attack")))  # the default of attack_targets
     attack_targets(transform=transform, run_dir=run_dir, baseline=baseline, key=key, out=out, cfg=cfg, strong=strong,

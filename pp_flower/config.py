@@ -98,7 +98,7 @@ class AppConfig:
               ("eval_chunk", 1, None), ("provider_microbatch", -1, None), ("aggregate_every", 1, None),
               ("step_timeout", 0.001, None), ("max_failures", 1, None), ("min_users", 0, None),
               ("wait_for_users", 0.0, None), ("checkpoint_every", 0, None), ("num_threads", 0, None),
-              ("grad_noise", 0.0, None), ("probe_images", 0, None))
+              ("grad_noise", 0.0, 1e6), ("probe_images", 0, None))
 
     def check(self) -> None:
         """Every key's range in one place; an error names the key and what it may be."""

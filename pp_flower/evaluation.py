@@ -158,10 +158,13 @@ def wire_of_run(run_dir: str | os.PathLike) -> str | None:
     if not summary.is_file():
         return None
     try:
-        config = json.loads(summary.read_text()).get("config") or {}
-    except (OSError, ValueError) as exc:
-        raise PPFlowerError(f"Cannot read {summary}: {exc}") from exc
-    return config.get("wire", "float32")
+        config = json.loads(summary.read_text())["config"]
+        wire = config.get("wire", "float32")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise PPFlowerError(f"Cannot read {summary} (not a run summary: {exc!r}).") from None
+    if wire not in ("uint8", "float32"):
+        raise PPFlowerError(f"{summary} names wire {wire!r}, which is neither uint8 nor float32.")
+    return wire
 
 
 def attack_targets(transform=None, run_dir=None, out=None, cfg=None, strong=False, perceptual_weight=1e-4,
@@ -227,10 +230,14 @@ def attack_targets(transform=None, run_dir=None, out=None, cfg=None, strong=Fals
     loaded = {name: load_transform_net(path) for name, path in targets.items()}  # wrong kinds fail here, early
     target_wires = {}
     for name, path in targets.items():
-        recorded = wire_of_run(path.parent.parent)
+        # the run's summary, else the checkpoint's own record (users write it; a killed run has no run.json yet)
+        recorded = wire_of_run(path.parent.parent) or loaded[name][1].get("wire")
         if wire is not None and recorded is not None and wire != recorded:
-            raise PPFlowerError(f"--wire {wire}: the run of {path} sent x̂ over the {recorded} wire "
-                                f"({path.parent.parent / 'run.json'}); the attack must see what the provider received.")
+            raise PPFlowerError(f"--wire {wire}: {path} sent x̂ over the {recorded} wire (its run.json or "
+                                "checkpoint); the attack must see what the provider received.")
+        if wire is None and recorded is None and log is not None:
+            log(f"{path} records no wire (a checkpoint from before wires): attacked as {wires.DEFAULT}; "
+                "pass --wire float32 if its run sent float32 x̂.")
         target_wires[name] = wire or recorded or wires.DEFAULT
     callables, ids = {}, {name: target_fingerprint(path) for name, path in targets.items()}
     if baseline is not None:
@@ -332,13 +339,22 @@ def label_inference(run_dir: str | os.PathLike, data_dir=None, out: str | os.Pat
     if not probes:
         raise PPFlowerError(f"{run_dir} holds no user-K/label-probe.pt: the run kept no received gradients "
                             "(run-config probe-images=0, or a run made before label probes).")
+    if data_dir is None and (run_dir / "run.json").is_file():  # the data the run trained on, unless told otherwise
+        try:
+            data_dir = json.loads((run_dir / "run.json").read_text())["config"].get("data-dir") or None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise PPFlowerError(f"Cannot read {run_dir / 'run.json'} (not a run summary).") from None
     labels = load_datasets(data_dir)[0].labels
     n_classes = int(labels.max()) + 1
     reports = []
     for path in probes:
         try:
-            report = LabelProbe.load(path).report(labels, n_classes)
-        except ValueError as exc:  # not a probe, or too few images: one line naming the file
+            probe = LabelProbe.load(path)
+            if len(probe) and int(probe.ids().max()) >= len(labels):
+                raise ValueError(f"it holds sample id {int(probe.ids().max())}, but the data set has "
+                                 f"{len(labels)} training images: not the run's data (pass its --data-dir)")
+            report = probe.report(labels, n_classes)
+        except ValueError as exc:  # not a probe, other data, or too few images: one line naming the file
             raise PPFlowerError(f"{path}: {exc}") from None
         reports.append({"user": int(path.parent.name.split("-")[1]), **report})
     out = Path(out) if out is not None else run_dir / "attack"

@@ -223,6 +223,22 @@ class LiveUser:
     def image_size(self) -> list[int]:
         return list(self.images("train")[0].shape[-2:])
 
+    def _load_probe(self) -> None:
+        """The received gradients kept with the resume point, so a resumed (or rerun) user measures label leakage
+        over all of them; a probe of another size or of other images is left out (the measurement restarts)."""
+        from pp_flower.label_leakage import LabelProbe
+
+        path = self.out_dir / "label-probe.pt"
+        if self.probe is None or not path.exists():
+            return
+        try:
+            probe = LabelProbe.load(path)
+        except ValueError as exc:
+            log.warning("user %d: %s; label leakage is measured from this run's gradients only", self.index, exc)
+            return
+        if probe.max_images == self.probe.max_images and bool(torch.isin(probe.ids(), self.ids["train"]).all()):
+            self.probe = probe
+
     def restore(self, blob: dict) -> None:
         self.net.load_state_dict(blob["state_dict"])
         self.opt.state.clear()
@@ -235,6 +251,8 @@ class LiveUser:
     def save_resume_point(self) -> None:
         blob = self.snapshot()  # on disk, the key also holds the images' fingerprint (a later run may use others)
         save_atomic({**blob, "config": {**blob["config"], "data": self.data_key()}}, self.out_dir / "resume.pt")
+        if self.probe is not None:  # the gradients received so far belong to this point too
+            self.probe.save(self.out_dir / "label-probe.pt")
 
     def load_resume_point(self) -> None:
         """Continue from ``out-dir/resume.pt`` (and ``best.pt``) when they belong to this user and config."""
@@ -249,6 +267,7 @@ class LiveUser:
                         self.index, path, ", ".join(changed[:6]))
             return
         self.restore(blob)
+        self._load_probe()
         if (self.out_dir / "best.pt").exists():
             self.best = load_checkpoint(self.out_dir / "best.pt", "transform_net")["state_dict"]
         log.info("user %d: resumed from %s at step %d", self.index, path, self.progress.step)
@@ -400,13 +419,13 @@ class LiveUser:
                 self.progress.best_val, self.progress.best_epoch = l_trans, epoch
                 self.best = {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()}
                 save_atomic(transform_blob(self.net, self.image_size(), alpha=self.cfg.alpha, epoch=epoch,
-                                           val_transform_loss=l_trans),
+                                           val_transform_loss=l_trans, wire=self.cfg.wire),
                             self.out_dir / "best.pt")
-            save_atomic(transform_blob(self.net, self.image_size(), alpha=self.cfg.alpha, epoch=epoch),
-                        self.out_dir / "final.pt")
+            save_atomic(transform_blob(self.net, self.image_size(), alpha=self.cfg.alpha, epoch=epoch,
+                                       wire=self.cfg.wire), self.out_dir / "final.pt")
             if epoch in self.cfg.kept_epochs():  # h_θ after E epochs, for the budget curve
-                save_atomic(transform_blob(self.net, self.image_size(), alpha=self.cfg.alpha, epoch=epoch),
-                            self.out_dir / f"epoch-{epoch}.pt")
+                save_atomic(transform_blob(self.net, self.image_size(), alpha=self.cfg.alpha, epoch=epoch,
+                                           wire=self.cfg.wire), self.out_dir / f"epoch-{epoch}.pt")
             self.save_resume_point()
             return {"val-class-loss": l_class, "val-feature-loss": l_feat, "val-transform-loss": l_trans,
                     "epoch": epoch}
