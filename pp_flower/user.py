@@ -134,6 +134,7 @@ class LiveUser:
         self.progress = Progress()
         self.best: dict[str, torch.Tensor] | None = None   # h_θ with the lowest validation L_trans (test uses it)
         self.acc: dict[str, torch.Tensor] = {}              # evaluation results gathered chunk by chunk
+        self.last_eval: tuple[tuple, dict] | None = None    # the last evaluation request and its reply
         self.kept: KeptBatch | None = None  # the sent batch whose gradient is awaited, its graph kept
         self.keep_graph = {"keep": True, "recompute": False}.get(self.cfg.keep_graph)  # None: decide (auto)
         self._data = self._phi = self._data_key = None
@@ -370,8 +371,21 @@ class LiveUser:
         return self.net.eval()
 
     def evaluate(self, control: dict, result: dict | None) -> dict:
-        """Validation / test in chunks: take the provider's results for the last chunk, send the next one."""
+        """Validation / test in chunks: take the provider's results for the last chunk, send the next one.
+
+        Idempotent: a request repeated after a lost or late reply (the provider retries after step-timeout) gets the
+        same reply again, and nothing is counted twice."""
         phase, want, result_chunk = str(control["phase"]), int(control["want"]), int(control["result-chunk"])
+        request = (phase, want, result_chunk, self.progress.step)
+        if self.last_eval is not None and self.last_eval[0] == request:
+            log.warning("user %d: %s chunk %d asked again (a reply was lost or late); the same reply", self.index,
+                        phase, want)
+            return self.last_eval[1]
+        reply = self._evaluate(phase, want, result_chunk, result)
+        self.last_eval = (request, reply)
+        return reply
+
+    def _evaluate(self, phase: str, want: int, result_chunk: int, result: dict | None) -> dict:
         if want == 0:
             self.acc = {}
         acc = self.acc

@@ -107,3 +107,28 @@ def test_kept_graph_and_recomputed_forward_give_the_same_step(tmp_path, splits):
         nets[mode] = {k: v.clone() for k, v in user.net.state_dict().items()}
     for name, value in nets["keep"].items():
         assert torch.allclose(value.double(), nets["recompute"][name].double(), rtol=1e-6, atol=1e-7), name
+
+
+def test_an_evaluation_request_asked_again_gets_the_same_reply_and_counts_once(tmp_path, splits):
+    """The provider retries a chunk whose reply came too late (step-timeout on a loaded machine): the user answers
+    the same again instead of refusing 'results arrived out of order', and counts nothing twice."""
+    from pp_flower import protocol
+    from pp_flower.user import UserTrainer
+
+    ids = {"train": splits.train_ids[:16].numpy(), "val": splits.val_ids[:8].numpy(),
+           "test": splits.test_ids[:8].numpy()}
+    trainer = UserTrainer(num_threads=1)
+    trainer.setup("k", {**_meta(tmp_path), "eval-chunk": 4}, ids)
+    first = trainer.call("k", 0, "evaluate", {"phase": "val", "want": 0, "result-chunk": -1})
+    ce = {protocol.RESULT: {"ce": np.ones(4, dtype=np.float32)}}
+    second = trainer.call("k", 0, "evaluate", {"phase": "val", "want": 1, "result-chunk": 0}, ce)
+    again = trainer.call("k", 0, "evaluate", {"phase": "val", "want": 1, "result-chunk": 0}, ce)  # a retry
+    assert again is second or np.array_equal(again["protected"]["xhat"], second["protected"]["xhat"])
+    assert len(trainer.users["k"].acc["ce"]) == 4 and len(trainer.users["k"].acc["feat"]) == 8  # counted once
+    done = trainer.call("k", 0, "evaluate", {"phase": "val", "want": protocol.NO_INDEX, "result-chunk": 1},
+                        {protocol.RESULT: {"ce": np.full(4, 2.0, dtype=np.float32)}})
+    assert done["metrics"]["val-class-loss"] == pytest.approx(1.5)  # (4 × 1 + 4 × 2) / 8: nothing doubled
+    retried = trainer.call("k", 0, "evaluate", {"phase": "val", "want": protocol.NO_INDEX, "result-chunk": 1},
+                           {protocol.RESULT: {"ce": np.full(4, 2.0, dtype=np.float32)}})
+    assert retried["metrics"] == done["metrics"] and len(trainer.users["k"].progress.val_curve) == 1
+    assert first["control"]["batch"] == 0

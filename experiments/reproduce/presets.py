@@ -75,7 +75,8 @@ PRESETS = {
                   "fast": True, "seed": 1},
         strong_weights=(0.01, 0.1, 1.0), budget_epochs=(1, 2, 4), grad_noises=(1.0, 4.0, 16.0),
         transform={"epochs": 4, "batch-size": 64, "lr": 0.03, "unet-base": 16, "unet-arch": "paper",
-                   "limit-train": 4_096, "eval-chunk": 500, "keep-epochs": "1,2,4", "wire": "uint8"},
+                   "limit-train": 4_096, "eval-chunk": 500, "keep-epochs": "1,2,4", "wire": "uint8",
+                   "step-timeout": 600.0},  # a shared 2-core box can be slow; the timeout changes no result
         gan={"epochs": 1, "unet_base": 16, "batch_size": 64, "lr": 1e-3}, gan_limit_train=4_096,
         attack={"epochs": 2, "unet_base": 16, "batch_size": 64}, attack_limit_train=2_048,
         deviations=(
