@@ -91,3 +91,32 @@ def test_smoke_preset_table_is_measured_and_resumable(tmp_path, data_dir, vgg_we
     again = reproduce("smoke", out, work, data_dir, vgg_weights, log=lambda *a: None)
     assert again["rows"] == result["rows"]
     assert all(s["attempts"] == 1 for s in json.loads((out / "stages.json").read_text()).values())
+
+
+def test_a_stage_that_failed_after_writing_its_output_runs_again(tmp_path):
+    """A Flower run writes run.json even when its users failed: that output must not count as a finished stage (the
+    cpu reproduce once went on with a failed α row and then stopped at its missing metrics)."""
+    from experiments.reproduce import StageRunner
+    from pp_flower.errors import PPFlowerError
+
+    done, calls = tmp_path / "stage" / "run.json", []
+
+    def failing() -> None:
+        calls.append("fail")
+        done.parent.mkdir(exist_ok=True)
+        done.write_text("{}")
+        raise PPFlowerError("the users failed")
+
+    def working() -> None:
+        calls.append("ok")
+        done.write_text('{"ok": true}')
+
+    runner = StageRunner(tmp_path / "out", lambda: "data", log=lambda *a: None)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(PPFlowerError):
+        runner.stage("s", done, failing, "cmd")
+    again = StageRunner(tmp_path / "out", lambda: "data", log=lambda *a: None)  # a rerun of the command
+    again.stage("s", done, working, "cmd")
+    again.stage("s", done, working, "cmd")  # now finished: skipped
+    assert calls == ["fail", "ok"]
+    assert json.loads((tmp_path / "out" / "stages.json").read_text())["s"]["finished"] is True

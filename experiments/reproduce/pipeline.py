@@ -93,7 +93,9 @@ class StageRunner:
             self._data = self.fingerprint()
         key = {**(key or {}), "data": self._data}
         key_file = done.parent / "stage-key.json"
-        if done.exists():
+        # done: its output exists and it finished (a key is written only then); an output left by a failed attempt
+        # (a Flower run writes run.json even when its users failed) means: run it again, it resumes
+        if done.exists() and (key_file.exists() or self.stages.get(name, {}).get("finished", True)):
             if key_file.exists():
                 old = json.loads(key_file.read_text())
                 changed, _ = key_changes(old, key)
@@ -107,14 +109,15 @@ class StageRunner:
         self.log(f"[bold]▶ {name}[/]")
         if command and self.stages.get(name, {}).get("command") not in (None, portable(command)):
             del self.stages[name]  # another recipe's wall time (an older preset) is not this stage's
-        started = time.time()
+        started, succeeded = time.time(), False
         try:
             run()
+            succeeded = True
         finally:
             entry = self.stages.setdefault(name, {"wall-seconds": 0.0, "attempts": 0})
             entry["wall-seconds"] += time.time() - started
             entry["attempts"] += 1
-            entry["finished"] = done.exists()
+            entry["finished"] = succeeded and done.exists()
             if command:
                 entry["command"] = portable(command)
             self.file.write_text(json.dumps(self.stages, indent=2))
