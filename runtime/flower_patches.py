@@ -276,7 +276,8 @@ def make_superexec_waker(directory: str):
     return fifo, wake
 
 
-def install_fast_object_pulls(initial_backoff: float = 0.005, backoff_cap: float = 0.5) -> None:
+def install_fast_object_pulls(initial_backoff: float = 0.005, backoff_cap: float = 0.5,
+                              give_up_after: float | None = None) -> None:
     """Retry an object that is not uploaded yet after milliseconds, not after a second.
 
     In flwr 1.42 a message and its objects (its arrays) travel separately: the receiver gets the message, then
@@ -286,13 +287,17 @@ def install_fast_object_pulls(initial_backoff: float = 0.005, backoff_cap: float
     SuperNode, ServerApp ← SuperLink) often found its object a few ms early and slept a whole second
     (BENCHMARKS.md). Here the waits start at 5 ms and stay ≤ 0.5 s; the tries per object grow so that giving
     up on a sender that died mid-upload takes as long as before (500 tries × 10 s). Called in every process
-    that pulls: ppflower-supernode, its ClientApp processes, the provider's ServerApp.
+    that pulls: ppflower-supernode, its ClientApp processes, the provider's ServerApp. ``give_up_after``
+    (seconds) bounds that instead: the provider passes its step-timeout, so a user killed while uploading its
+    reply costs one step-timeout, not 5,000 s of a round that never ends.
     """
     check_flower_version()
     from flwr.supercore import constant
     from flwr.supercore.inflatable import inflatable_utils
 
     tries = int(constant.PULL_MAX_TRIES_PER_OBJECT * constant.PULL_BACKOFF_CAP / backoff_cap)
+    if give_up_after is not None:
+        tries = max(1, int(give_up_after / backoff_cap))
     for fn in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
         fn.__kwdefaults__.update(initial_backoff=initial_backoff, backoff_cap=backoff_cap,
                                  max_tries_per_object=tries)

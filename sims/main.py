@@ -44,10 +44,12 @@ def make_server_app(message_log=None) -> ServerApp:
 
         from runtime.runlock import lock_dir, unlock_dir
 
-        install_fast_object_pulls()  # deployment: users' replies are pulled from the SuperLink without 1 s waits
         # relative paths mean this process's directory (`flwr run .`: where the SuperLink was started), and users
         # get them absolute in their setup message, wherever their processes run
         cfg = AppConfig.from_run_config(absolute_paths(dict(context.run_config)))
+        # deployment: users' replies are pulled from the SuperLink without 1 s waits, and a reply whose sender died
+        # mid-upload is given up after one step-timeout (Flower's default retries for 5,000 s)
+        install_fast_object_pulls(give_up_after=cfg.step_timeout)
         lock = lock_dir(cfg.run_dir, "run-dir")  # one run per run dir (re-entrant: flower-simulation holds it too)
         try:
             ProviderStrategy.from_config(cfg, message_log=message_log).start(grid)

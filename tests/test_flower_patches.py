@@ -33,6 +33,11 @@ def test_object_pulls_retry_after_milliseconds_with_the_same_deadline():
 
         assert iu.pull_objects(["a"], pull) == {"a": b"content"}
         assert calls == ["a"] * 4
+        # the provider bounds it by its step-timeout: a user killed mid-upload costs one timeout, not 5,000 s
+        fp.install_fast_object_pulls(give_up_after=180.0)
+        for fn in saved:
+            d = fn.__kwdefaults__
+            assert d["max_tries_per_object"] * d["backoff_cap"] == pytest.approx(180.0)
     finally:
         for fn, d in saved.items():
             fn.__kwdefaults__.update(d)
