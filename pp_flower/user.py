@@ -56,6 +56,8 @@ class Progress:
     best_epoch: int = -1
     val_curve: list[float] = field(default_factory=list)
     feature_losses: list[float] = field(default_factory=list)
+    steps_kept: int = 0               # steps whose backward used the kept graph (keep-graph), over every resume
+    steps_recomputed: int = 0         # steps that recomputed h_θ's forward pass instead
 
     def to_dict(self) -> dict:
         return {k.replace("_", "-"): (list(v) if isinstance(v, list) else v) for k, v in asdict(self).items()}
@@ -64,7 +66,8 @@ class Progress:
     def from_dict(cls, d: dict) -> "Progress":
         return cls(step=int(d["step"]), pending=bool(d.get("pending", False)), best_val=float(d["best-val"]),
                    best_epoch=int(d["best-epoch"]), val_curve=[float(v) for v in d.get("val-curve", [])],
-                   feature_losses=[float(v) for v in d.get("feature-losses", [])])
+                   feature_losses=[float(v) for v in d.get("feature-losses", [])],
+                   steps_kept=int(d.get("steps-kept", 0)), steps_recomputed=int(d.get("steps-recomputed", 0)))
 
 
 @dataclass
@@ -148,8 +151,12 @@ class LiveUser:
 
     @property
     def graph_mode(self) -> str:
-        """Which way this user's steps got their autograd graph (BENCHMARKS.md, run.json)."""
-        return {True: "kept", False: "recomputed", None: "undecided"}[self.keep_graph]
+        """Which way this user's training steps got their autograd graph, over all its runs (BENCHMARKS.md,
+        run.json): ``kept``, ``recomputed``, ``kept N, recomputed M`` or ``no steps``."""
+        kept, recomputed = self.progress.steps_kept, self.progress.steps_recomputed
+        if kept and recomputed:
+            return f"kept {kept}, recomputed {recomputed}"
+        return "kept" if kept else "recomputed" if recomputed else "no steps"
 
     # --- data ------------------------------------------------------------------------------------------
     def images(self, part: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -310,9 +317,11 @@ class LiveUser:
             grad_feature, l_feat = kept.feature.result()
             user_backward_kept(self.opt, kept.xhat, grad_cut, grad_feature)
             ids = kept.ids
+            self.progress.steps_kept += 1
         else:  # the graph was not kept: recompute the forward pass (bit-identical; BN statistics restored)
             ids, x = self.batch(step)
             l_feat = user_backward_recomputed(self.net, self.opt, self.feature_net(), x, grad_cut, self.cfg.alpha)
+            self.progress.steps_recomputed += 1
         if self.probe is not None:  # what an honest-but-curious user could learn of the provider's labels
             self.probe.observe(ids, grad_cut)
         self.progress.feature_losses.append(l_feat)

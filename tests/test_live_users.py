@@ -109,6 +109,32 @@ def test_kept_graph_and_recomputed_forward_give_the_same_step(tmp_path, splits):
         assert torch.allclose(value.double(), nets["recompute"][name].double(), rtol=1e-6, atol=1e-7), name
 
 
+def test_graph_mode_reports_the_steps_trained_also_after_a_resume(tmp_path, splits):
+    """metrics.json's graph-mode counts the steps each way over every resume: a user resumed after its last step
+    (a finished run rerun, a restarted trainer) reports how it trained, not "undecided"."""
+    from pp_flower import protocol
+    from pp_flower.user import UserTrainer
+
+    ids = {"train": splits.train_ids[:16].numpy(), "val": splits.val_ids[:8].numpy(),
+           "test": splits.test_ids[:8].numpy()}
+    grad = np.zeros((16, 3, 32, 32), dtype=np.float32)
+    trainer = UserTrainer(num_threads=1)
+    trainer.setup("k", {**_meta(tmp_path), "keep-graph": "auto"}, ids)
+    assert trainer.users["k"].graph_mode == "no steps"
+    trainer.call("k", 0, "step", {"grad-step": protocol.NO_INDEX, "want": 0})
+    trainer.call("k", 0, "step", {"grad-step": 0, "want": protocol.NO_INDEX}, {protocol.GRAD: {"grad": grad}})
+    assert trainer.users["k"].graph_mode == "kept"  # auto keeps a graph this small
+    trainer.users["k"].save_resume_point()
+
+    restarted = UserTrainer(num_threads=1)  # a new trainer: the user resumes and takes one recomputed step
+    restarted.setup("k", {**_meta(tmp_path), "keep-graph": "recompute"}, ids, resume=True)
+    user = restarted.users["k"]
+    assert user.graph_mode == "kept" and user.progress.step == 1
+    restarted.call("k", 0, "step", {"grad-step": protocol.NO_INDEX, "want": 1})
+    restarted.call("k", 0, "step", {"grad-step": 1, "want": protocol.NO_INDEX}, {protocol.GRAD: {"grad": grad}})
+    assert user.graph_mode == "kept 1, recomputed 1"
+
+
 def test_an_evaluation_request_asked_again_gets_the_same_reply_and_counts_once(tmp_path, splits):
     """The provider retries a chunk whose reply came too late (step-timeout on a loaded machine): the user answers
     the same again instead of refusing 'results arrived out of order', and counts nothing twice."""
