@@ -74,6 +74,9 @@ def test_smoke_preset_table_is_measured_and_resumable(tmp_path, data_dir, vgg_we
     assert rows["alpha0.005"]["resnet20"]["paper"] == 91.72 and rows["gan"]["resnet20"]["paper"] is None
     table = (out / "table1.md").read_text()
     assert "Deviations from the paper" in table and f"| {rows['pixel']['resnet20']['measured']:.2f} |" in table
+    best = rows["alpha0.005"]  # the best attack's cells name the attacker that reached them
+    assert f"{best['best-attack-psnr']:.2f} ({best['best-attack-psnr-by']})" in table or \
+        f"{best['best-attack-psnr']:.2f} / {best['best-attack-ssim']:.3f} ({best['best-attack-psnr-by']})" in table
     for fig in ("fig5_alpha.png", "fig6_attack.png", "fig7_psnr_boxplot.png", "fig_frontier.png",
                 "fig_budget_curve.png", "fig_defence.png"):
         assert (out / fig).stat().st_size > 10_000

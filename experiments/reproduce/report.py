@@ -121,6 +121,21 @@ def _pct(v, row: str) -> str:
     return ("—" if row == "plain" else "n/a") if v is None else f"{100 * v:.1f}"
 
 
+def _by(e: dict, key: str) -> str:
+    """" (restorer)": which attacker won ``key``, when more than one competed."""
+    by = e.get(f"{key}-by")
+    return f" ({by})" if by and ("strong-psnr" in e or "restorer-psnr" in e) else ""
+
+
+def _best_attack(e: dict) -> str:
+    """The best attack's PSNR / SSIM cell, each with the attacker that reached it."""
+    if "best-attack-psnr" not in e:
+        return "—"
+    psnr, ssim = _fmt(e["best-attack-psnr"]), _fmt(e["best-attack-ssim"], 3)
+    by_psnr, by_ssim = _by(e, "best-attack-psnr"), _by(e, "best-attack-ssim")
+    return f"{psnr} / {ssim}{by_psnr}" if by_psnr == by_ssim else f"{psnr}{by_psnr} / {ssim}{by_ssim}"
+
+
 def _leak(e: dict) -> str:
     """Label inference of Table I's label-leakage column: known-10 / direction accuracy (%), or why none."""
     leak = e.get("label-leakage")
@@ -155,11 +170,13 @@ def markdown(table: list[dict], p: Preset, meta: dict, defence: list[dict] = ())
              "Test accuracy of ψ on each kind of image (%), measured by this product on the same data, beside the "
              "paper's Table I; protected-image PSNR and the ITN-Attack's estimate PSNR (medians over the test "
              "images, dB; lower = better protection); SSIM lies in [−1, 1] (1 = the plain image's structure, 0 = "
-             "none, < 0 = inverted structure, e.g. a negative-like image). *Best attack*: the better of the "
-             "paper's ITN-Attack and a stronger one with a VGG16 feature loss (weight chosen on validation, "
-             "`strong_sweep.json`). "
+             "none, < 0 = inverted structure, e.g. a negative-like image). Every attacker trains and is measured on "
+             "the tensor the provider received (the *wire* column). *Best attack*: the strongest of the paper's "
+             "ITN-Attack (`ITN`), the ITN with a VGG16 feature loss (`ITN+feat`, weight chosen on validation, "
+             "`strong_sweep.json`) and the paired restorer (`restorer`: Adam, L1 + VGG16 perceptual loss), chosen "
+             "separately by median PSNR, by median SSIM and by the observer; the winner of each is named. "
              "*Recognisable*: test accuracy (%) of an independent classifier trained on plain images (the "
-             "observer), on the protected images and on the better attack's estimates; chance is 10 %, plain "
+             "observer), on the protected images and on the best attack's estimates; chance is 10 %, plain "
              f"images give the observer's {100 * meta.get('observer-accuracy', float('nan')):.1f} %.", "",
              "## Deviations from the paper", "", *(f"- {d}" for d in p.deviations), "",
              "## Table", ""]
@@ -181,10 +198,9 @@ def markdown(table: list[dict], p: Preset, meta: dict, defence: list[dict] = ())
         cells += [e.get("wire", "—"), no_psnr if prot is None else _fmt(prot["median"]),
                   _fmt(e["itn-psnr"]["median"]) if "itn-psnr" in e else "—",
                   _fmt(e["itn-ssim"]["median"], 3) if "itn-ssim" in e else "—",
-                  f"{_fmt(e['best-attack-psnr'])} / {_fmt(e['best-attack-ssim'], 3)}" if "best-attack-psnr" in e
-                  else "—",
-                  _pct(e.get("recognisability-protected"), e["row"]), _pct(e.get("recognisability-best-attack"),
-                                                                           e["row"]), _leak(e)]
+                  _best_attack(e), _pct(e.get("recognisability-protected"), e["row"]),
+                  _pct(e.get("recognisability-best-attack"), e["row"]) + _by(e, "recognisability-best-attack"),
+                  _leak(e)]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Paper columns: the numbers printed in the paper's Table I; — where the paper gives none. "
               "*Labels inferred*: the share of its own training images whose label a user infers from the "
