@@ -29,11 +29,12 @@ def portable(text: str) -> str:
 
 
 def git_commit() -> str:
-    """This checkout's commit, marked when tracked files have uncommitted changes."""
+    """This checkout's commit, marked when tracked files outside ``results/`` have uncommitted changes (the
+    results a run is rewriting are its outputs, not a change to the code that made them)."""
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=REPO).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!results"],
+                               capture_output=True, text=True, cwd=REPO).stdout.strip()
         return (sha or "unknown") + (" (+ uncommitted changes)" if dirty else "")
     except OSError:
         return "unknown"
