@@ -66,7 +66,7 @@ PRESETS = {
         deviations=("JPEG-q75 re-encoded CIFAR-10 when run on ../shared/data (the paper: the original PNGs).",
                     "The GAN-based transformation follows our reading of arXiv:2006.01342 (pix2pix objective, "
                     "pixel-based encryption as the target domain, generator with a learned positional map).")),
-    "cpu": Preset(  # ≈ 4 h on a 2-core box (150 min before the restorer and defence stages); a rerun resumes
+    "cpu": Preset(  # 211 min on a 2-core bf16 box (results/cpu/stages.json); a rerun resumes
         name="cpu", archs=("resnet20",), alphas=(0.0, 0.005, 0.01, 0.05), baselines=("tanaka", "pixel"),
         psi={"epochs": 8, "batch_size": 128, "lr": 0.15, "schedule": "onecycle", "label_smoothing": 0.1,
              "fast": True},
