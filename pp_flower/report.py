@@ -93,12 +93,13 @@ def save_budget_curve(curve: dict[str, list[dict]], plain_accuracy: float, path:
 
 
 def save_frontier(rows: list[dict], arch: str, observer_accuracy: float, path: str | Path) -> Path:
-    """The protection–utility frontier: ψ's accuracy (y) against what the best ITN-Attack recovers (x: median PSNR;
+    """The protection–utility frontier: ψ's accuracy (y) against what the best attack recovers (x: median PSNR;
     second panel: the observer's accuracy on its estimates), one point per α and per baseline. The paper's
     accuracies are drawn as hollow markers at our measured x (the paper gives no attack PSNR per row)."""
     path = Path(path)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
-    xkeys = (("best-attack-psnr", "best ITN-Attack: median PSNR of the estimates (dB)  → less protection", 1.0),
+    xkeys = (("best-attack-psnr", "best attack (ITN, ITN+feat, restorer): median PSNR of its estimates (dB)  → less "
+                                  "protection", 1.0),
              ("recognisability-best-attack", "observer's accuracy on the best attack's estimates (%)  → less "
                                              "protection", 100.0))
     plain = next(r for r in rows if r["row"] == "plain")
@@ -106,9 +107,9 @@ def save_frontier(rows: list[dict], arch: str, observer_accuracy: float, path: s
         alphas = [r for r in rows if r["row"].startswith("alpha") and r.get(key) is not None]
         xs = [scale * r[key] for r in alphas]
         ax.plot(xs, [r[arch]["measured"] for r in alphas], "o-", color="C0", label="h_θ (this run), per α")
-        for r, x in zip(alphas, xs):
-            ax.annotate(f"α={r['row'][5:]}", (x, r[arch]["measured"]), fontsize=7, xytext=(4, 4),
-                        textcoords="offset points")
+        for i, (r, x) in enumerate(zip(alphas, xs)):  # labels above and below in turn: near points overlap
+            ax.annotate(f"α={r['row'][5:]}", (x, r[arch]["measured"]), fontsize=7,
+                        xytext=(4, 4 if i % 2 == 0 else -11), textcoords="offset points")
         paper = [(x, r[arch]["paper"]) for r, x in zip(alphas, xs) if r[arch]["paper"] is not None]
         if paper:
             ax.plot(*zip(*paper), "o", mfc="none", color="C0", label="h_θ, the paper's accuracy (Table I)")
