@@ -21,16 +21,20 @@ How, so that no run can fool the benchmark:
 * a run starts only once no process of the run before it remains: its process tree (seen while it ran), the Ray
   processes of its Ray session (``session_…_<driver pid>``) and anything naming its run dir, polled with psutil up to
   ``--settle-timeout`` seconds, else the benchmark fails; no fixed sleeps;
-* order, per config: one untimed app run of k steps (file caches, Ray's first start), ``--repeats`` lone reference
-  runs (k' steps), then ``--repeats`` × [app k, reference k, app k', reference k'] (each reference right after an
-  app run: where the old ``bench_scale.py steps`` was fooled), then one more lone reference run;
+* order, per config: one untimed app run of k steps (file caches, Ray's first start), then ``--repeats`` cycles of
+  [lone reference k', app k, reference k, app k', reference k'] and one last lone reference k'. Each reference
+  "beside" the app starts right after an app run (where the old ``bench_scale.py steps`` was fooled); each cycle is
+  bracketed by two lone references (after a reference, not after the app);
+* the ratio is formed inside each cycle (the in-process steady s/step of its two references ÷ the app's whole-run
+  s/step), and the median over cycles is reported: this 2-core VM's speed drifts by itself by up to 30 % over
+  ten minutes (measured with nothing else running), so numbers minutes apart are not compared;
 * a machine where other processes use CPU at the start (> 10 % of a core in all) is refused (exit 3): torch with
   as many threads as cores slows down many-fold beside any other load (2 cores: 0.4 s/step on 1 thread, 6-7 s/step
   on 2, measured beside another run);
-* check: the reference's steady per-step time in the runs right after the app, and in the last lone run, must lie
-  within tol = max(``--min-tolerance``, 3 × relative spread of the first lone runs) of the first lone runs' mean;
-  otherwise the benchmark exits 3 with one line and writes nothing (the machine was busy, or the runs disturbed
-  each other).
+* check, per cycle: its two bracketing lone references must agree within 2 × ``--min-tolerance`` (else the machine
+  drifted too fast to measure), and the references beside the app must lie within ``--min-tolerance`` of the range
+  the two lone runs span; otherwise the benchmark exits 3 with one line and writes nothing (the machine was busy, or
+  the runs disturb each other).
 """
 
 from __future__ import annotations
@@ -79,35 +83,38 @@ def steady_per_step(stamps: list[float], warmup: int) -> float:
     return (stamps[-1] - stamps[warmup - 1]) / (len(stamps) - warmup)
 
 
-def tolerance(lone: list[float], floor: float) -> float:
-    """Relative tolerance: max(``floor``, 3 × (max − min) / mean of repeated lone measurements)."""
-    return max(floor, 3 * (max(lone) - min(lone)) / statistics.mean(lone))
-
-
-def check_reference(lone: list[float], beside_app: list[float], lone_after: float, floor: float) -> str:
-    """'' when the reference's steady s/step beside the app runs and after them both lie within :func:`tolerance`
-    of the lone runs' mean; else why not, in one line."""
-    base, tol = statistics.mean(lone), tolerance(lone, floor)
-    for what, value in (("right after the app's runs", statistics.mean(beside_app)), ("alone, at the end", lone_after)):
-        if abs(value - base) > tol * base:
-            return (f"the in-process reference took {value:.4f} s/step {what} but {base:.4f} s/step alone at the start "
-                    f"({(value / base - 1):+.0%}, tolerance ±{tol:.0%}): the machine is not quiet or the runs disturb "
-                    "each other")
+def check_cycle(lone_before: float, lone_after: float, beside_app: list[float], tol: float) -> str:
+    """'' when a cycle can be trusted, else why not, in one line: its two bracketing lone references (steady s/step)
+    agree within 2 × ``tol``, and the references run right after the app lie within ``tol`` of the range they span."""
+    low, high = min(lone_before, lone_after), max(lone_before, lone_after)
+    if high > low * (1 + 2 * tol):
+        return (f"the lone in-process reference went from {lone_before:.4f} to {lone_after:.4f} s/step within one "
+                f"cycle ({lone_after / lone_before - 1:+.0%}, allowed ±{2 * tol:.0%}): the machine drifted too fast to "
+                "measure")
+    for value in beside_app:
+        if not low * (1 - tol) <= value <= high * (1 + tol):
+            return (f"the in-process reference took {value:.4f} s/step right after the app but {lone_before:.4f} and "
+                    f"{lone_after:.4f} s/step alone around it (tolerance ±{tol:.0%}): the machine is not quiet or the "
+                    "runs disturb each other")
     return ""
 
 
 def app_split(run: dict, warmup: int) -> dict:
-    """The app's own per-round seconds (run.json): means over the training rounds after ``warmup``."""
-    rounds = [r for r in run["rounds"] if r["images"]][warmup:]
+    """The app's own per-round seconds (run.json): means over the training rounds after ``warmup``, and its steady
+    s/step from the rounds' end stamps (as :func:`steady_per_step` for the reference)."""
+    trained = [r for r in run["rounds"] if r["images"]]
+    rounds = trained[warmup:]
     mean = {key: statistics.mean(r[key] for r in rounds) for key in ("seconds", "user-compute", "provider-compute")}
     timing = run["timing"]
     return {"round": mean["seconds"], "user": mean["user-compute"], "provider": mean["provider-compute"],
             "messaging": mean["seconds"] - mean["user-compute"] - mean["provider-compute"],
-            "waiting": timing["wait"] / max(timing["steps"], 1)}
+            "waiting": timing["wait"] / max(timing["steps"], 1),
+            "steady": steady_per_step([r["ended"] for r in trained], warmup)}
 
 
 COLUMNS = [("config", "{}"), ("in-process steady", "{:.3f}"), ("in-process whole-run", "{:.3f}"),
-           ("Flower whole-run", "{:.3f}"), ("speed Flower÷in-process", "{:.2f}"), ("round", "{:.3f}"),
+           ("Flower whole-run", "{:.3f}"), ("Flower steady", "{:.3f}"), ("speed Flower÷in-process", "{:.2f}"),
+           ("per cycle", "{}"), ("round", "{:.3f}"),
            ("user", "{:.3f}"), ("provider", "{:.3f}"), ("messaging", "{:.3f}"), ("waiting", "{:.3f}"),
            ("between rounds", "{:.3f}")]
 
@@ -293,10 +300,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", nargs="+", default=["64x16", "16x128"], help="WIDTHxBATCH, e.g. 64x16 16x128")
     ap.add_argument("--k", type=int, default=4, help="steps of the short runs")
-    ap.add_argument("--k2", type=int, default=14, help="steps of the long runs (k')")
+    ap.add_argument("--k2", type=int, default=24, help="steps of the long runs (k')")
     ap.add_argument("--warmup", type=int, default=2, help="steps left out of the steady and in-app means")
-    ap.add_argument("--repeats", type=int, default=2, help="runs per length and of the lone reference")
-    ap.add_argument("--min-tolerance", type=float, default=0.10, help="floor of the reference check's tolerance")
+    ap.add_argument("--repeats", type=int, default=3, help="cycles (each: a lone reference, then app and reference "
+                    "runs of k and k' steps)")
+    ap.add_argument("--min-tolerance", type=float, default=0.10,
+                    help="how far a reference beside the app may lie outside its cycle's lone references")
     ap.add_argument("--settle-timeout", type=float, default=180.0,
                     help="seconds a run's processes may take to go away before the next run")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
@@ -336,42 +345,52 @@ def main() -> None:
     prev: Run | None = None
     for config in args.configs:
         width, batch = map(int, config.split("x"))
-        plan = [("prime", "app", args.k)] + [("lone", "reference", args.k2)] * args.repeats + [
-            ("beside", kind, n) for _ in range(args.repeats) for n in (args.k, args.k2) for kind in ("app", "reference")
-        ] + [("last", "reference", args.k2)]
-        runs: dict[str, list[Run]] = {"prime": [], "lone": [], "beside": [], "last": []}
-        for role, kind, steps in plan:
+        cycle = [("lone", "reference", args.k2), ("beside", "app", args.k), ("beside", "reference", args.k),
+                 ("beside", "app", args.k2), ("beside", "reference", args.k2)]
+        plan = [(0, "prime", "app", args.k)] + [(c, *step) for c in range(1, args.repeats + 1) for step in cycle] + [
+            (args.repeats + 1, "lone", "reference", args.k2)]
+        runs: list[tuple[int, str, Run]] = []
+        for number, role, kind, steps in plan:
             waited, what = wait_until_gone(prev, args.settle_timeout)
             if prev is not None:
                 shutil.rmtree(prev.run_dir, ignore_errors=True)  # its processes are gone; free the disk
             prev = (app_run if kind == "app" else reference_run)(args, base, width, batch, steps, len(result["runs"]))
-            runs[role].append(prev)
-            result["runs"].append({"config": config, "role": role, "kind": kind, "steps": steps, "wall": prev.wall,
-                                   "waited_before": waited, "waited_for": what, "steady": prev.steady,
-                                   "split": prev.split, "command": shlex.join(prev.cmd)})
-            print(f"{config} {role:6} {kind:9} k={steps:3d}: wall {prev.wall:7.2f} s"
+            runs.append((number, role, prev))
+            result["runs"].append({"config": config, "cycle": number, "role": role, "kind": kind, "steps": steps,
+                                   "wall": prev.wall, "waited_before": waited, "waited_for": what,
+                                   "steady": prev.steady, "split": prev.split, "command": shlex.join(prev.cmd)})
+            print(f"{config} cycle {number} {role:6} {kind:9} k={steps:3d}: wall {prev.wall:7.2f} s"
                   + (f", steady {prev.steady:.4f} s/step" if prev.steady is not None else "")
                   + (f" (started {waited:.1f} s after the run before, once gone: {what})" if what else ""), flush=True)
-        lone = [r.steady for r in runs["lone"]]
-        refs = [r for r in runs["beside"] if r.kind == "reference"]
-        apps = [r for r in runs["beside"] if r.kind == "app"]
-        problem = check_reference(lone, [r.steady for r in refs], runs["last"][0].steady, args.min_tolerance)
-        if problem:
-            wait_until_gone(prev, args.settle_timeout)
-            shutil.rmtree(base, ignore_errors=True)
-            print(f"bench_steps refused ({config}): {problem}", file=sys.stderr)
-            raise SystemExit(REFUSED)
+        lone = {number: run.steady for number, role, run in runs if role == "lone"}
+        cycles = []
+        for c in range(1, args.repeats + 1):
+            mine = [run for number, role, run in runs if number == c and role == "beside"]
+            refs = [r for r in mine if r.kind == "reference"]
+            apps = [r for r in mine if r.kind == "app"]
+            problem = check_cycle(lone[c], lone[c + 1], [r.steady for r in refs], args.min_tolerance)
+            if problem:
+                wait_until_gone(prev, args.settle_timeout)
+                shutil.rmtree(base, ignore_errors=True)
+                print(f"bench_steps refused ({config}, cycle {c}): {problem}", file=sys.stderr)
+                raise SystemExit(REFUSED)
+            app_long = next(r for r in apps if r.steps == args.k2)
+            cycles.append({"in-process steady": statistics.mean(r.steady for r in refs),
+                           "in-process whole-run": per_step_from_walls([refs[0].wall], [refs[1].wall], args.k, args.k2),
+                           "Flower whole-run": per_step_from_walls([apps[0].wall], [apps[1].wall], args.k, args.k2),
+                           **app_long.split})
+            cycles[-1]["speed"] = cycles[-1]["in-process steady"] / cycles[-1]["Flower whole-run"]
 
-        def whole(rs: list[Run]) -> float:
-            return per_step_from_walls([r.wall for r in rs if r.steps == args.k],
-                                       [r.wall for r in rs if r.steps == args.k2], args.k, args.k2)
+        def median(key: str) -> float:
+            return statistics.median(c[key] for c in cycles)
 
-        splits = [r.split for r in apps if r.steps == args.k2]
-        row = {"config": config, "in-process steady": statistics.mean(lone), "in-process whole-run": whole(refs),
-               "Flower whole-run": whole(apps), **{key: statistics.mean(s[key] for s in splits) for key in splits[0]}}
-        row["speed Flower÷in-process"] = row["in-process whole-run"] / row["Flower whole-run"]
+        row = {"config": config, "in-process steady": median("in-process steady"),
+               "in-process whole-run": median("in-process whole-run"), "Flower whole-run": median("Flower whole-run"),
+               "Flower steady": median("steady"), "speed Flower÷in-process": median("speed"),
+               "per cycle": " ".join(f"{c['speed']:.2f}" for c in cycles),
+               **{key: median(key) for key in ("round", "user", "provider", "messaging", "waiting")},
+               "lone in-process steady": [lone[c] for c in sorted(lone)], "cycles": cycles}
         row["between rounds"] = row["Flower whole-run"] - row["round"]
-        row["tolerance"] = tolerance(lone, args.min_tolerance)
         result["rows"].append(row)
     wait_until_gone(prev, args.settle_timeout)
     shutil.rmtree(base, ignore_errors=True)

@@ -294,7 +294,8 @@ class ProviderStrategy(Strategy):
         _, metrics = self.aggregate_train(server_round, replies.values())
         found = dict(metrics or {})
         self.timing.steps += 1
-        self.rounds.append({"seconds": time.perf_counter() - t0, "images": int(found.pop("round/images", 0)),
+        ended = time.perf_counter()
+        self.rounds.append({"seconds": ended - t0, "ended": ended, "images": int(found.pop("round/images", 0)),
                             "user-compute": found.pop("round/user-compute", 0.0),
                             "provider-compute": found.pop("round/provider-compute", 0.0)})
         if found:
