@@ -12,7 +12,7 @@
 #   PPFLOWER_DATA_DIR=… PPFLOWER_VGG_WEIGHTS=… benchmarks/gpu_science.sh
 #   benchmarks/gpu_science.sh --dry     # the same steps on CPU at tiny sizes (CI runs this)
 # BUDGET_S (default 540) is the whole script's wall budget; the curve gets what ψ, the observer and the attacks
-# leave. Resumable: rerunning continues every stage from its resume point in $WORK.
+# (ATTACK_RESERVE_S, default 200 s) leave. Resumable: rerunning continues every stage from its resume point in $WORK.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dry=0
@@ -45,8 +45,8 @@ else
   observer=(--epochs 15 --batch-size 512 --lr 0.4 --schedule onecycle --label-smoothing 0.1 --fast --seed 1
             --checkpoint-every 0)
   curve=(--unet-base 64 --batch-size 128 --steps 70400 --eval-every 200 --eval-images 1000 --precision bf16)
-  attack=(--epochs 20 --unet-base 64 --batch-size 128 --limit-train 20000)
-  attack_reserve=150   # seconds kept for the two attackers
+  attack=(--epochs 10 --unet-base 64 --batch-size 128 --limit-train 20000)   # three attackers, fp32
+  attack_reserve="${ATTACK_RESERVE_S:-200}"   # seconds kept for the attackers
 fi
 
 stage() { echo "== $1 ($((SECONDS - start)) s into the run)"; }

@@ -42,11 +42,15 @@ def git_commit() -> str:
 
 def machine() -> str:
     """The machine and the versions that produced a result, in one line."""
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    import flwr
+    from importlib.metadata import PackageNotFoundError, version
 
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    try:  # the stand-alone commands (train-classifier, curve, attack) run without Flower, e.g. on a GPU box
+        flwr = version("flwr")
+    except PackageNotFoundError:
+        flwr = "not installed"
     return (f"{platform.machine()}, {os.cpu_count()} CPU cores, {gpu}; Python {platform.python_version()}, "
-            f"torch {torch.__version__}, flwr {flwr.__version__}")
+            f"torch {torch.__version__}, flwr {flwr}")
 
 
 def read_json(path: Path) -> dict:
