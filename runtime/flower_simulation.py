@@ -7,8 +7,9 @@ other names). The run config is the app's defaults (pp_flower.config.AppConfig, 
 ``[tool.flwr.app.config]``) overridden by ``--run-config``, and reaches the ServerApp's context.
 
 Like Flower, this runner imports no app: it loads ``--app`` by name and asks the module for optional hooks,
-``prepare_run_config`` (the full, checked run config), ``start_trainers`` (the app's own Ray actors, made before
-the run) and ``report_run`` (its results). sims.main provides all three.
+``prepare_run_config`` (the full, checked run config), ``check_capacity`` (whether the users fit in this machine's
+memory, before Ray starts), ``start_trainers`` (the app's own Ray actors, made before the run) and ``report_run``
+(its results). sims.main provides all four.
 """
 
 from __future__ import annotations
@@ -316,6 +317,9 @@ def cli(
     check_resources(num_cpus, num_gpus, ray_address)
     overrides = parse_run_config(run_config)
     module, server_app, client_app = load_app(app)
+    capacity = getattr(module, "check_capacity", None)
+    if capacity is not None and ray_address is None:  # a local Ray gets this machine: the users must fit in it
+        capacity(overrides, num_supernodes)  # before prepare, which makes the run dir as its last check
     prepare = getattr(module, "prepare_run_config", None)
     config = prepare(overrides) if prepare else overrides
     if config.get("run-dir"):  # one run per run dir: a second run would mix its outputs (and run.json) in

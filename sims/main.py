@@ -9,12 +9,13 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from pp_flower import protocol
+from sims.capacity import check_capacity  # flower-simulation's hook: do the users fit in this machine's memory?
 from sims.user_trainers import create_pool as start_trainers  # flower-simulation's hook: trainers before the run
 from sims.user_trainers import trainer_for
 
-# what runtime/flower_simulation.py and the tests take from this app module; start_trainers is looked up by name
-__all__ = ["absolute_paths", "client_app", "make_server_app", "prepare_run_config", "report_run", "server_app",
-           "start_trainers"]
+# what runtime/flower_simulation.py and the tests take from this app module; the hooks are looked up by name
+__all__ = ["absolute_paths", "check_capacity", "client_app", "make_server_app", "prepare_run_config", "report_run",
+           "server_app", "start_trainers"]
 
 def route_logs_to_flower() -> None:
     """Send pp_flower's log records through Flower's logger, so `flwr run --stream` and SuperNode logs show them."""

@@ -350,3 +350,13 @@ def test_zero_users_is_refused_at_once(tmp_path):
     proc = _flower_simulation("--num-supernodes", "0", "--run-config", f'run-dir="{tmp_path}/r"', timeout=120)
     assert proc.returncode == 2 and "--num-supernodes must be at least 1" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_more_users_than_memory_is_refused_at_once_before_ray(tmp_path, classifier_ckpt):
+    """Issue #24: a simulation whose users cannot fit fails at once with one line saying what it would need."""
+    rc = format_run_config({**TINY, "unet-base": 64, "classifier": str(classifier_ckpt),
+                            "run-dir": str(tmp_path / "r")})
+    proc = _flower_simulation("--num-supernodes", "100000", "--num-cpus", "0.01", "--run-config", rc, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "100000 users need about" in proc.stderr and "at most" in proc.stderr and "users fit here" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "r").exists()
