@@ -192,6 +192,24 @@ def test_user_refuses_a_data_set_other_than_the_providers(tmp_path, classifier_c
     assert "\n" not in message and "data set" in message and str(other) in message
 
 
+def test_data_fingerprint_is_computed_once_per_listing_and_follows_renames(tmp_path):
+    """Every user's setup asks for the fingerprint (1,000 times with 1,000 users): a repeat costs a few stat calls,
+    and a file added, removed or renamed since still gives the new set's fingerprint."""
+    import os
+
+    from pp_flower.data import index_fingerprint
+
+    root = _tiny_image_folder(tmp_path / "set")
+    first = index_fingerprint(root)
+    assert index_fingerprint(root) == first
+    os.rename(root / "train" / "a" / "0.png", root / "train" / "a" / "9.png")
+    renamed = index_fingerprint(root)
+    assert renamed != first and renamed.startswith("train:6:")
+    (root / "test" / "b" / "0.png").unlink()
+    removed = index_fingerprint(root)
+    assert removed != renamed and " test:5:" in removed
+
+
 # ------------------------------------------------------------------- kind 13: signals and concurrent runs
 
 def _train_classifier(out: Path, epochs: int = 200) -> list[str]:
