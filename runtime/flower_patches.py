@@ -7,9 +7,11 @@ the installed flwr is not the pinned one.
 
 Each patch (flwr 1.42), with the internals it touches in parentheses, and what it changes:
 
-- ``install_event_driven_dispatch`` (vce_api.add_messages_to_queue,
-  InMemoryGrid.push_messages/pull_messages/get_node_ids): simulation dispatch wakes on push instead of polling
-  every 100 ms; the grid raises once the engine has stopped, so a ServerApp never outlives its engine.
+- ``install_event_driven_dispatch`` (vce_api.add_messages_to_queue/put_message_into_state,
+  InMemoryLinkState.message_ins_store, InMemoryGrid.push_messages/pull_messages/get_node_ids): simulation dispatch
+  wakes on push instead of polling every 100 ms and finds every node's next message in one pass; the ServerApp is
+  woken by each stored reply (InMemoryGrid.wait_for_replies, new) instead of polling every 5 ms; the grid raises
+  once the engine has stopped, so a ServerApp never outlives its engine.
 - ``run_simulation_engine`` (flwr.simulation.run_simulation._run_simulation): runs a ServerApp + ClientApp
   pair with our Context and backend config.
 - ``install_fast_polling`` (start_client_internal.time, _pull_and_store_message, _push_messages,
@@ -67,13 +69,17 @@ def install_event_driven_dispatch() -> None:
     Flower 1.42's simulation engine moves messages from its LinkState to the Ray workers in a loop that
     sleeps 100 ms between polls (``vce_api.add_messages_to_queue``), which adds ~50 ms on average to every
     protocol round. We replace that loop with the same loop woken by an event that ``InMemoryGrid.push_messages``
-    sets, falling back to the same 100 ms poll. Behaviour is otherwise unchanged (flwr is pinned to 1.42.x).
+    sets, falling back to the same 100 ms poll. The way back is woken the same way: the loop that stores replies
+    sets an event that ``InMemoryGrid.wait_for_replies`` (new) waits on, so the provider pulls once per reply
+    instead of every 5 ms through a user's step (each poll took CPU from the user's two torch threads).
+    Behaviour is otherwise unchanged (flwr is pinned to 1.42.x).
     """
     global _DISPATCH_PATCHED
     if _DISPATCH_PATCHED:
         return
     check_flower_version()
     import threading
+    from queue import Empty
 
     from flwr.server.superlink.fleet.vce import vce_api
     from flwr.superlink.grid.inmemory_grid import InMemoryGrid
@@ -87,17 +93,66 @@ def install_event_driven_dispatch() -> None:
         return ids
 
     def add_messages_to_queue(state, queue, nodes_mapping, f_stop):
+        nodes = set(nodes_mapping.keys())
+        one_pass = hasattr(state, "message_ins_store")  # InMemoryLinkState, as simulation always has
         while not f_stop.is_set():
             pushed.clear()
-            for node_id in nodes_mapping.keys():
-                for msg in state.get_message_ins(node_id=node_id, limit=1):
+            if one_pass:
+                for msg in _next_message_per_node(state, nodes):
                     queue.put(msg)
+            else:
+                for node_id in nodes:
+                    for msg in state.get_message_ins(node_id=node_id, limit=1):
+                        queue.put(msg)
             pushed.wait(0.1)
 
+    stored = threading.Event()
+
+    def put_message_into_state(state, queue, f_stop):
+        while not f_stop.is_set():
+            try:
+                reply = queue.get(timeout=1.0)
+            except Empty:
+                continue
+            state.store_message_res(reply)
+            stored.set()
+
+    def wait_for_replies(self, timeout: float) -> None:
+        """Return once a reply has been stored since the last call (or after ``timeout`` s); pull after it."""
+        stored.wait(timeout)
+        stored.clear()
+
     InMemoryGrid.push_messages = push_messages
+    InMemoryGrid.wait_for_replies = wait_for_replies
     vce_api.add_messages_to_queue = add_messages_to_queue
+    vce_api.put_message_into_state = put_message_into_state
     _stop_grid_with_engine(InMemoryGrid)
     _DISPATCH_PATCHED = True
+
+
+def _next_message_per_node(state, nodes: set[int]) -> list:
+    """What ``state.get_message_ins(node_id, limit=1)`` returns for every node in ``nodes``, in one pass.
+
+    Flower's loop asks per node, and each ask checks every stored message (delivered ones stay stored until their
+    reply is pulled): with 1,000 users that was a million checks per pass, a pass at least every 100 ms, and a
+    core kept busy while the users trained. Same checks (``_check_stored_messages``: expiry, federation), same
+    order (the store's), same delivered-at stamp; only undelivered messages for these nodes are looked at.
+    """
+    from flwr.supercore.date import now
+
+    taken: dict[int, object] = {}
+    with state.lock:
+        for msg_id, msg in list(state.message_ins_store.items()):
+            node = msg.metadata.dst_node_id
+            if msg.metadata.delivered_at != "" or node in taken or node not in nodes:
+                continue
+            state._check_stored_messages({msg_id})
+            if state.message_ins_store.get(msg_id) is not None:
+                taken[node] = msg
+        stamp = now().isoformat()
+        for msg in taken.values():
+            msg.metadata.delivered_at = stamp
+    return list(taken.values())
 
 
 ENGINE_STOPPED = _threading.Event()  # set when run_simulation_engine's engine has ended

@@ -164,7 +164,8 @@ class ProviderStrategy(Strategy):
     # --- messaging -------------------------------------------------------------------------------------
     def exchange(self, grid: Grid, messages: list[Message], timeout: float, phase: str = "train"
                  ) -> dict[int, Message]:
-        """Send, then collect replies with fine-grained polling (Grid.send_and_receive sleeps 100 ms)."""
+        """Send, then collect replies as they arrive (Grid.send_and_receive polls every 100 ms): in simulation woken
+        by each stored reply, in deployment by polling that sleeps through most of the usual wait."""
         if not messages:
             return {}
         for m in messages:
@@ -178,7 +179,9 @@ class ProviderStrategy(Strategy):
         start = time.perf_counter()
         delay = 0.0005
         cap = 0.005
-        if type(grid).__name__ != "InMemoryGrid":
+        # simulation: woken as each reply is stored (runtime.flower_patches), no polling through a user's step
+        woken = getattr(grid, "wait_for_replies", None)
+        if woken is None and type(grid).__name__ != "InMemoryGrid":
             # In deployment a pull is a TLS request the SuperLink must serve (≈ 10 ms of its CPU): polling every
             # 5 ms through a user's step took the 2-core box's CPU from that step (BENCHMARKS.md). Sleep through
             # most of the usual wait for replies, then poll at 5 ms growing to 50 ms.
@@ -197,6 +200,9 @@ class ProviderStrategy(Strategy):
                     self._record("to-provider", reply, phase)
             if not outstanding or timed_out:
                 break
+            if woken is not None:
+                woken(min(0.1, max(0.0, timeout - (time.perf_counter() - start))))
+                continue
             time.sleep(delay)
             delay = min(delay * 1.5, cap)
         if phase == "train":

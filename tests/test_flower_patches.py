@@ -81,3 +81,32 @@ def test_the_superexec_wakes_when_the_supernode_stores_a_message(tmp_path):
     # more wake-ups than the pipe holds (64 KiB): the SuperNode never blocks on a busy SuperExec
     for _ in range(70_000):
         wake()
+
+
+def test_dispatch_finds_each_nodes_next_message_in_one_pass_as_flowers_per_node_loop_would():
+    """Simulation dispatch: per node, the first undelivered message still valid after Flower's own check, in the
+    store's order, stamped delivered; delivered messages, other nodes' and expired ones are not sent."""
+    from types import SimpleNamespace
+
+    def message(node, delivered=""):
+        return SimpleNamespace(metadata=SimpleNamespace(dst_node_id=node, delivered_at=delivered))
+
+    store = {"a": message(1, "earlier"), "b": message(1), "c": message(1), "d": message(2), "e": message(3),
+             "x": message(2)}
+    checked = []
+
+    class State:
+        lock = threading.RLock()
+        message_ins_store = store
+
+        def _check_stored_messages(self, ids):
+            checked.extend(ids)
+            if "d" in ids:  # expired: Flower's check deletes it
+                del store["d"]
+
+    sent = fp._next_message_per_node(State(), {1, 2})
+    assert sent == [store["b"], store["x"]]
+    assert all(m.metadata.delivered_at not in ("", "earlier") for m in sent)
+    assert store["c"].metadata.delivered_at == "" and store["e"].metadata.delivered_at == ""
+    assert "a" not in checked and "e" not in checked and "d" not in store
+    assert fp._next_message_per_node(State(), {1, 2}) == [store["c"]]  # the next pass: node 1's next one
