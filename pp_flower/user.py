@@ -515,6 +515,9 @@ class UserTrainer:
 
     def __init__(self, num_threads: int = 0):
         self.users: dict[str, LiveUser] = {}
+        # the data set of the run being set up, shared by its users here: each user looking it up in the process
+        # cache lists and stats its 60,000 files (0.2-0.7 s per user, minutes for 1,000 users)
+        self._run_data: tuple[tuple, tuple] | None = None
         if num_threads:
             torch.set_num_threads(num_threads)
 
@@ -534,6 +537,7 @@ class UserTrainer:
         """Create (or recreate) a user's live state from the provider's config and the ids handed to it."""
         user = LiveUser(meta, {k: _tensor(v) for k, v in ids.items()})
         self._threads(user)
+        self._share_run_data(user)
         user.images("train")  # load (and cache) the images now, so the first step is not slowed by it
         user.check_data()
         if resume:
@@ -544,6 +548,16 @@ class UserTrainer:
             live.hosted = len(self.users)
         return {"n-params": sum(p.numel() for p in user.net.parameters()), "n-train": len(user.ids["train"]),
                 "step": user.progress.step, "validated": len(user.progress.val_curve)}
+
+    def _share_run_data(self, user: LiveUser) -> None:
+        """Give ``user`` the images another user of the same run loaded here (same run dir, data dir and provider
+        fingerprint); a user of another run loads them afresh (so files changed between runs are seen)."""
+        run = (user.cfg.run_dir, user.cfg.data_dir, user.data_fingerprint)
+        if self._run_data is not None and self._run_data[0] == run:
+            user._data = self._run_data[1]
+        else:
+            user.images("train")
+            self._run_data = (run, user._data)
 
     def call(self, key: str, index: int, kind: str, control: dict, arrays: dict | None = None) -> dict:
         """One message of the protocol: ``kind`` is ``step`` or ``evaluate``; ``arrays`` its tensors by record."""
@@ -570,6 +584,7 @@ class UserTrainer:
     def restore(self, key: str, meta: dict, ids: dict[str, np.ndarray], blob: dict) -> None:
         user = LiveUser(meta, {k: _tensor(v) for k, v in ids.items()})
         user.keep_graph = False  # a graph cannot outlive the process that built it
+        self._share_run_data(user)
         user.restore(blob)
         user.best, user.acc = blob.get("best"), dict(blob.get("acc") or {})
         self.users[key] = user

@@ -192,6 +192,34 @@ def test_user_refuses_a_data_set_other_than_the_providers(tmp_path, classifier_c
     assert "\n" not in message and "data set" in message and str(other) in message
 
 
+def test_a_trainer_loads_a_runs_data_set_once_for_all_its_users(tmp_path, classifier_ckpt, data_dir, monkeypatch):
+    """Users of one run set up on one trainer share its images (each lookup stats every file); another run's
+    user loads them afresh."""
+    import pp_flower.user as user_module
+    from pp_flower.config import AppConfig
+    from pp_flower.user import UserTrainer
+    from strategies.provider import ProviderStrategy, UserTrack
+
+    cfg = AppConfig.from_run_config({**TINY, "classifier": str(classifier_ckpt), "run-dir": str(tmp_path / "run"),
+                                     "data-dir": data_dir})
+    provider = ProviderStrategy.from_config(cfg)
+    provider.steps_per_epoch = 3
+    loads = []
+    real = user_module.load_datasets
+    monkeypatch.setattr(user_module, "load_datasets", lambda *a: loads.append(a) or real(*a))
+    trainer = UserTrainer()
+    for i in range(3):
+        ids = {"train": provider.ids["train"][16 * i:16 * (i + 1)], "val": provider.ids["val"],
+               "test": provider.ids["test"]}
+        meta = provider.setup_config(UserTrack(i, i, ids))
+        meta.pop("resume")
+        trainer.setup(f"k{i}", meta, {k: v.numpy() for k, v in ids.items()})
+    assert len(loads) == 1
+    assert trainer.users["k2"].images("train")[0] is trainer.users["k0"].images("train")[0]
+    trainer.setup("other", {**meta, "run-dir": str(tmp_path / "run2")}, {k: v.numpy() for k, v in ids.items()})
+    assert len(loads) == 2
+
+
 def test_data_fingerprint_is_computed_once_per_listing_and_follows_renames(tmp_path):
     """Every user's setup asks for the fingerprint (1,000 times with 1,000 users): a repeat costs a few stat calls,
     and a file added, removed or renamed since still gives the new set's fingerprint."""
