@@ -37,6 +37,7 @@ import psutil  # noqa: E402
 from bench_steps import Run, wait_until_gone  # noqa: E402  (benchmarks/ is sys.path[0] when run as a script)
 
 from runtime.deploy_local import descendants  # noqa: E402  (a process and everything below it, via psutil)
+from runtime.signals import die_with_parent  # noqa: E402  (a run never outlives the benchmark that started it)
 
 _previous: list[Run | None] = [None]  # the last run's processes: the next run starts once they are gone
 
@@ -65,7 +66,8 @@ def run_watched(cmd: list[str], env: dict | None = None) -> dict:
     wait_until_gone(_previous[0], 180.0)
     seen: dict[int, psutil.Process] = {}
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=die_with_parent)
     peak = {"rss": 0, "pss": 0, "processes": 0}
 
     def watch():

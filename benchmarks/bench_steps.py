@@ -62,6 +62,8 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("PPFLOWER_QUIET", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
+from runtime.signals import die_with_parent  # noqa: E402
+
 RAY_SESSION = re.compile(r"session_\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_\d+_(\d+)")  # ends in the Ray driver's pid
 REFUSED = 3  # exit status when the check fails
 
@@ -188,7 +190,8 @@ def execute(run: Run) -> Run:
     assert not run.run_dir.exists(), f"run dir {run.run_dir} exists: a rerun would resume and train nothing"
     seen: dict[int, psutil.Process] = {}
     started = time.perf_counter()
-    proc = subprocess.Popen(run.cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(run.cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=die_with_parent)  # a run never outlives the benchmark that started it
     stop = threading.Event()
 
     def watch() -> None:

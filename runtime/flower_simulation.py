@@ -268,8 +268,10 @@ def stop_on_interrupt(run_dir: str | None) -> None:
     try:
         ray.shutdown()
     finally:
-        print_resume_line(f"resume points in {run_dir}" if run_dir else "")
-        os._exit(130)
+        try:
+            print_resume_line(f"resume points in {run_dir}" if run_dir else "")
+        finally:  # never skipped: Flower's worker threads, blocked on the stopped Ray, would hold exit forever
+            os._exit(130)
 
 
 def load_app(spec: str):

@@ -67,9 +67,12 @@ def print_resume_line(where: str = "") -> None:
     """The interrupt's one line; from here on the process only exits, and further signals are ignored (Python
     restores their default handlers while it shuts down, so one more Ctrl-C would otherwise kill it: exit −2)."""
     line = RESUME_LINE if not where else RESUME_LINE[:-1] + f" ({where})."
-    sys.stdout.flush()
-    if not os.environ.get(NESTED):  # a child of a command that prints the line itself stays quiet
-        print(line, file=sys.stderr, flush=True)
+    try:  # the terminal or pipe may be gone (SIGHUP from a closed terminal, a killed parent): stop all the same
+        sys.stdout.flush()
+        if not os.environ.get(NESTED):  # a child of a command that prints the line itself stays quiet
+            print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
     if threading.current_thread() is threading.main_thread():
         for sig in SIGNALS:
             signal.signal(sig, signal.SIG_IGN)

@@ -256,3 +256,31 @@ def small_splits(data_dir):
     from pp_flower.data import load_splits
 
     return load_splits(data_dir, limit_train=256, limit_eval=32)
+
+
+@pytest.mark.slow
+def test_a_closed_terminal_stops_a_simulation_whose_output_is_gone(tmp_path, classifier_ckpt):
+    """SIGHUP after the terminal (or the parent reading the output) is gone: writing the resume line fails, and
+    the run must still end and take Ray's processes with it, not hang on Flower's threads (seen: a driver left
+    waiting forever after its parent was killed)."""
+    from tests.test_flower_app import TINY
+
+    run_dir = tmp_path / "run"
+    rc = format_run_config({**TINY, "classifier": str(classifier_ckpt), "run-dir": str(run_dir), "epochs": 8,
+                            "checkpoint-every": 1})
+    argv = [sys.executable, "-m", "runtime.flower_simulation", "--num-supernodes", "1", "--run-config", rc]
+    marker = f"PPF_TEST_{uuid.uuid4().hex}"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), marker: "1"}
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                            start_new_session=True)
+    resume = run_dir / "user-0" / "resume.pt"
+    _wait_for(lambda: proc.poll() is None and resume.exists(), 300, "the first resume point")
+    proc.stdout.close()  # the reader is gone: every write now fails with EPIPE
+    os.killpg(proc.pid, signal.SIGHUP)
+    try:
+        proc.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("flower-simulation did not end within 90 s of SIGHUP with its output gone")
+    assert proc.returncode == 130
+    _wait_for(lambda: not processes_with(marker), 60, "every process of the run (Ray's included) to exit")
