@@ -19,8 +19,11 @@ from dataclasses import dataclass
 from pp_flower.config import AppConfig
 from pp_flower.errors import PPFlowerError
 
-FIXED = 3.3 * 2**30            # bytes: driver with ψ, Ray, Flower, two trainers (8 users at width 8: 3.3 GiB PSS)
-PER_USER_OVERHEAD = 8 * 2**20  # bytes: ids, curves, Flower's node state (measured per user, beside θ and the probe)
+# Fitted to BENCHMARKS.md's "Many users" runs (PSS of every process; width 8, depth 2, batch 8): 8 → 64 users
+# grow by 11.9 MiB a user, 64 → 1,000 users by 11.8 MiB; 8 users take 2.99 GiB, 1,000 users 14.45 GiB.
+FIXED = 3.0 * 2**30             # bytes: driver with ψ, Ray, Flower, two trainers with torch and φ
+PER_USER_OVERHEAD = 11 * 2**20  # bytes: the rest of the 11.8 MiB a user (its modules, kept graph, ids, curves,
+#                                 Flower's node state), beside θ's four copies and the probe counted below
 TRAIN_IMAGES = 45_000           # the paper's split of CIFAR-10 when limit-train = 0
 PIXELS = 3 * 32 * 32
 
