@@ -123,3 +123,17 @@ def test_a_stage_that_failed_after_writing_its_output_runs_again(tmp_path):
     again.stage("s", done, working, "cmd")  # now finished: skipped
     assert calls == ["fail", "ok"]
     assert json.loads((tmp_path / "out" / "stages.json").read_text())["s"]["finished"] is True
+
+
+def test_provenance_rewrites_whole_paths_of_this_checkout_only():
+    """Results name files relative to the repo; a path that merely contains the repo's parent's name (the GPU run's
+    /tmp/work/psi with the repo at /work/main) stays whole instead of becoming "/tmp../psi"."""
+    from pathlib import Path
+
+    from experiments.reproduce.report import portable
+
+    root = Path("/work/main")
+    text = 'ppflower curve --classifier /tmp/work/psi/best.pt --out /work/main/results/x --data "/work/shared/d"'
+    expected = 'ppflower curve --classifier /tmp/work/psi/best.pt --out results/x --data "../shared/d"'
+    assert portable(text, root) == expected
+    assert portable("x=/work/main/a /work/mainly/b", root) == "x=a ../mainly/b"

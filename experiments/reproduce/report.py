@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
 from pathlib import Path
 
@@ -22,10 +23,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 # ------------------------------------------------------------------------------------------ provenance
-def portable(text: str) -> str:
+def portable(text: str, root: Path = REPO) -> str:
     """``text`` with this checkout's absolute paths made relative to the repo (its parent as ``..``): results
-    carry provenance, not one machine's directory layout."""
-    return text.replace(f"{REPO}{os.sep}", "").replace(f"{REPO.parent}{os.sep}", f"..{os.sep}")
+    carry provenance, not one machine's directory layout. Only whole paths are rewritten: with the repo at
+    /work/main, /tmp/work/psi stays as it is (a plain substring replace made it "/tmp../psi")."""
+    for prefix, repl in ((f"{root}{os.sep}", ""), (f"{root.parent}{os.sep}", f"..{os.sep}")):
+        text = re.sub(r"(?<![\w.~/-])" + re.escape(prefix), lambda _, r=repl: r, text)
+    return text
 
 
 def git_commit() -> str:
