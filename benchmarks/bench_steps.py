@@ -62,6 +62,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("PPFLOWER_QUIET", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
+from experiments.reproduce.report import portable  # noqa: E402
 from runtime.signals import die_with_parent  # noqa: E402
 
 RAY_SESSION = re.compile(r"session_\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_\d+_(\d+)")  # ends in the Ray driver's pid
@@ -275,6 +276,13 @@ def reference_main(args) -> None:
     (run_dir / "timing.json").write_text(json.dumps({"steps": len(stamps), "stamps": stamps}))
 
 
+def shown(cmd: list[str], base: Path | None = None) -> str:
+    """A command as the results file records it: ``python`` for this interpreter, paths relative to the repo, the
+    benchmark's temporary directory as ``$BENCH`` (no path of the machine that ran it)."""
+    text = portable(shlex.join(["python", *cmd[1:]] if cmd and cmd[0] == sys.executable else cmd))
+    return text.replace(str(base), "$BENCH") if base is not None else text
+
+
 # ------------------------------------------------------------------------------------------------------ the loop
 
 
@@ -341,7 +349,7 @@ def main() -> None:
         raise SystemExit(REFUSED)
     if busy:
         print(f"warning: the machine is not quiet, no timing below is valid: {busy}", flush=True)
-    result = {"what": __doc__, "command": shlex.join([sys.executable, *sys.argv]),
+    result = {"what": __doc__, "command": shown([sys.executable, *sys.argv]),
               "k": args.k, "k2": args.k2, "warmup": args.warmup, "repeats": args.repeats, "threads": args.threads,
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
                          f"{torch.__version__}", "busy_at_start": busy, "rows": [], "runs": []}
@@ -361,7 +369,7 @@ def main() -> None:
             runs.append((number, role, prev))
             result["runs"].append({"config": config, "cycle": number, "role": role, "kind": kind, "steps": steps,
                                    "wall": prev.wall, "waited_before": waited, "waited_for": what,
-                                   "steady": prev.steady, "split": prev.split, "command": shlex.join(prev.cmd)})
+                                   "steady": prev.steady, "split": prev.split, "command": shown(prev.cmd, base)})
             print(f"{config} cycle {number} {role:6} {kind:9} k={steps:3d}: wall {prev.wall:7.2f} s"
                   + (f", steady {prev.steady:.4f} s/step" if prev.steady is not None else "")
                   + (f" (started {waited:.1f} s after the run before, once gone: {what})" if what else ""), flush=True)
@@ -403,7 +411,7 @@ def main() -> None:
     print(f"\nreproduce: {result['command']}")
     for kind in ("app", "reference"):
         example = next(r["command"] for r in result["runs"] if r["kind"] == kind)
-        print(f"  e.g. one {kind} run (temporary paths): {example}")
+        print(f"  e.g. one {kind} run ($BENCH: the benchmark's temporary directory): {example}")
     if args.out != "-":
         Path(args.out).write_text(json.dumps(result, indent=2))
         print(f"wrote {args.out}")

@@ -92,3 +92,12 @@ def test_a_run_is_waited_for_until_its_processes_are_gone(tmp_path):
         child.kill()
         child.wait()
     assert child.pid not in {p.pid for p in bench.leftovers(prev)}
+
+
+def test_recorded_commands_name_no_path_of_the_machine(tmp_path):
+    """results_steps_*.json is committed: its commands say python, repo-relative paths and $BENCH."""
+    base = tmp_path / "bench-steps-x"
+    cmd = [sys.executable, str(bench.ROOT / "benchmarks" / "bench_steps.py"), "--reference",
+           str(base / "01-ref"), "--classifier", str(base / "psi.pt")]
+    assert bench.shown(cmd, base) == ("python benchmarks/bench_steps.py --reference $BENCH/01-ref "
+                                            "--classifier $BENCH/psi.pt")
