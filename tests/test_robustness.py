@@ -187,8 +187,9 @@ def _wait_for(condition, timeout: float, what: str):
     pytest.fail(f"timed out after {timeout} s waiting for {what}")
 
 
-@pytest.mark.slow
-def test_ctrl_c_stops_a_simulation_at_once_and_the_rerun_resumes(tmp_path, classifier_ckpt):
+def _long_simulation(tmp_path, classifier_ckpt, **popen):
+    """A 1-user, 8-epoch flower-simulation with a resume point every step, started in its own session:
+    (proc, argv, env, marker, run dir, its resume point)."""
     from tests.test_flower_app import TINY
 
     run_dir = tmp_path / "run"
@@ -197,9 +198,14 @@ def test_ctrl_c_stops_a_simulation_at_once_and_the_rerun_resumes(tmp_path, class
     argv = [sys.executable, "-m", "runtime.flower_simulation", "--num-supernodes", "1", "--run-config", rc]
     marker = f"PPF_TEST_{uuid.uuid4().hex}"
     env = {**os.environ, "PYTHONPATH": str(ROOT), marker: "1"}
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
-                            start_new_session=True)
-    resume = run_dir / "user-0" / "resume.pt"
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, env=env, cwd=ROOT, start_new_session=True, **popen)
+    return proc, argv, env, marker, run_dir, run_dir / "user-0" / "resume.pt"
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_simulation_at_once_and_the_rerun_resumes(tmp_path, classifier_ckpt):
+    proc, argv, env, marker, run_dir, resume = _long_simulation(tmp_path, classifier_ckpt, stderr=subprocess.PIPE,
+                                                                text=True)
 
     def trained_a_few_steps():
         if proc.poll() is not None:
@@ -263,17 +269,7 @@ def test_a_closed_terminal_stops_a_simulation_whose_output_is_gone(tmp_path, cla
     """SIGHUP after the terminal (or the parent reading the output) is gone: writing the resume line fails, and
     the run must still end and take Ray's processes with it, not hang on Flower's threads (seen: a driver left
     waiting forever after its parent was killed)."""
-    from tests.test_flower_app import TINY
-
-    run_dir = tmp_path / "run"
-    rc = format_run_config({**TINY, "classifier": str(classifier_ckpt), "run-dir": str(run_dir), "epochs": 8,
-                            "checkpoint-every": 1})
-    argv = [sys.executable, "-m", "runtime.flower_simulation", "--num-supernodes", "1", "--run-config", rc]
-    marker = f"PPF_TEST_{uuid.uuid4().hex}"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), marker: "1"}
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-                            start_new_session=True)
-    resume = run_dir / "user-0" / "resume.pt"
+    proc, _, _, marker, _, resume = _long_simulation(tmp_path, classifier_ckpt, stderr=subprocess.STDOUT)
     _wait_for(lambda: proc.poll() is None and resume.exists(), 300, "the first resume point")
     proc.stdout.close()  # the reader is gone: every write now fails with EPIPE
     os.killpg(proc.pid, signal.SIGHUP)
