@@ -25,6 +25,8 @@ Each patch (flwr 1.42), with the internals it touches in parentheses, and what i
   flower-superexec.
 - ``install_warm_clientapp`` (subprocess_executor.subprocess): the SuperExec forks ClientApp processes from a
   warm template.
+- ``install_fab_once`` (run_clientapp.install_from_fab): a FAB this node has already installed and verified is not
+  extracted and verified again for every message.
 - ``profile_clientapp_phases`` (flwr.supernode.runtime.run_clientapp functions): logs each phase's duration
   (benchmarks only).
 - ``plain_logs_when_piped`` (flwr.supercore.logger.update_console_handler): no ANSI colour codes in Flower's
@@ -356,6 +358,49 @@ def install_fast_object_pulls(initial_backoff: float = 0.005, backoff_cap: float
     for fn in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
         fn.__kwdefaults__.update(initial_backoff=initial_backoff, backoff_cap=backoff_cap,
                                  max_tries_per_object=tries)
+
+
+def install_fab_once() -> None:
+    """Install each FAB once per node, not once per message.
+
+    Flower 1.42's ClientApp process calls ``install_from_fab(fab bytes)`` for every message: it extracts the whole
+    archive into a temporary directory, checks the hashes of its files against its own list, and then, finding the
+    app already installed, returns the installed directory untouched (≈ 17 ms of a 2-core box's CPU on each
+    message's critical path, BENCHMARKS.md). Here a successful install leaves a marker named by the SHA-256 of the
+    FAB's bytes (``$FLWR_HOME/apps/.ppflower-installed/<sha256>``, holding the installed path); the same bytes later
+    return that path at once. Byte-identical archives give the same extraction and the same verdict, and Flower
+    itself trusts an existing install directory without re-checking it, so nothing is trusted that Flower did not
+    already trust. Anything else (a new FAB, a path, a missing directory) goes to Flower's own install.
+    """
+    check_flower_version()
+    import hashlib
+    from pathlib import Path
+
+    from flwr.common.constant import APP_DIR
+    from flwr.supercore.utils import get_flwr_home
+    from flwr.supernode.runtime import run_clientapp
+
+    install = run_clientapp.install_from_fab
+    if getattr(install, "_ppflower_once", False):
+        return
+
+    def install_from_fab(fab_file, *args, **kwargs):
+        if not isinstance(fab_file, bytes) or args or kwargs.get("install_dir") is not None:
+            return install(fab_file, *args, **kwargs)
+        marker = get_flwr_home() / APP_DIR / ".ppflower-installed" / hashlib.sha256(fab_file).hexdigest()
+        if marker.is_file():
+            path = Path(marker.read_text())
+            if path.is_dir():
+                return path
+        path = install(fab_file, *args, **kwargs)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        partial = marker.with_name(f"{marker.name}.{os.getpid()}")  # whole or absent: concurrent tasks race here
+        partial.write_text(str(path))
+        os.replace(partial, marker)
+        return path
+
+    install_from_fab._ppflower_once = True
+    run_clientapp.install_from_fab = install_from_fab
 
 
 def use_superexec() -> None:

@@ -12,13 +12,16 @@ One process per message, as in Flower; only the import cost is paid once.
 
 The template is single-threaded and never runs torch (no thread pools or CUDA contexts exist to be broken by
 ``fork``). If it is missing or dies, tasks start the normal way (``flwr-clientapp`` subprocess).
-``PPFLOWER_WARM_PRELOAD`` lists the modules the template imports (comma-separated; default: torch and
-flwr's ClientApp runtime); ``PPFLOWER_WARM_CLIENTAPP=0`` turns the template off; ``PPFLOWER_WARM_PROFILE=1`` logs
+The template freezes its imported heap out of the garbage collector (``gc.freeze``: a child's collections would
+copy every page they touch), and a FAB is unpacked once per node, not per message (``install_fab_once``).
+``PPFLOWER_WARM_PRELOAD`` lists the modules the template imports (comma-separated; default: torch, flwr's
+ClientApp runtime and httpcore, which httpx imports on first use); ``PPFLOWER_WARM_CLIENTAPP=0`` turns the template off; ``PPFLOWER_WARM_PROFILE=1`` logs
 how long each phase of every ClientApp process takes (BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
+import gc
 import importlib
 import json
 import os
@@ -27,7 +30,8 @@ import subprocess
 import sys
 import threading
 
-DEFAULT_PRELOAD = "torch,flwr.app,flwr.clientapp,flwr.serverapp,flwr.supernode.cli.flwr_clientapp"
+# httpcore: httpx imports it on a client's first use, 25 ms that every ClientApp process would pay again
+DEFAULT_PRELOAD = "torch,flwr.app,flwr.clientapp,flwr.serverapp,flwr.supernode.cli.flwr_clientapp,httpcore"
 FAB_PACKAGES = ("pp_flower", "strategies", "sims", "runtime")  # what the FAB ships (pyproject's fab-include)
 
 
@@ -38,12 +42,14 @@ def template_main() -> None:
     """Import the heavy modules, then fork one ``flwr-clientapp`` per JSON argument list read from stdin."""
     for name in filter(None, os.environ.get("PPFLOWER_WARM_PRELOAD", DEFAULT_PRELOAD).split(",")):
         importlib.import_module(name.strip())
-    from runtime.flower_patches import install_fast_object_pulls
+    from runtime.flower_patches import install_fab_once, install_fast_object_pulls
 
     install_fast_object_pulls()  # inherited by every forked ClientApp: it pulls its message without 1 s waits
+    install_fab_once()  # ... and does not unpack the same FAB again for every message
     for name in [m for m in sys.modules if m.split(".")[0] in FAB_PACKAGES]:
         del sys.modules[name]  # the app's own modules must come from the FAB, never from this template
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped automatically
+    gc.freeze()  # the imported heap stays shared: a child's collections would otherwise copy every page they touch
     print("ready", flush=True)
     os.dup2(2, 1)  # children print to the SuperNode's log, not into the readiness pipe
     for line in sys.stdin:  # EOF: the SuperExec has gone, and so do we

@@ -110,3 +110,28 @@ def test_dispatch_finds_each_nodes_next_message_in_one_pass_as_flowers_per_node_
     assert store["c"].metadata.delivered_at == "" and store["e"].metadata.delivered_at == ""
     assert "a" not in checked and "e" not in checked and "d" not in store
     assert fp._next_message_per_node(State(), {1, 2}) == [store["c"]]  # the next pass: node 1's next one
+
+
+def test_a_fab_is_unpacked_once_per_node_and_a_new_or_removed_one_goes_to_flower(tmp_path, monkeypatch):
+    from flwr.supernode.runtime import run_clientapp
+
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path))
+    installs = []
+
+    def flower_install(fab_file, skip_prompt=False):  # stands in for Flower's (unpack, verify, copy)
+        installs.append(fab_file)
+        path = tmp_path / "apps" / f"app.{len(installs)}"
+        path.mkdir(parents=True)
+        return path
+
+    monkeypatch.setattr(run_clientapp, "install_from_fab", flower_install)
+    fp.install_fab_once()
+    install = run_clientapp.install_from_fab
+    first = install(b"fab one", skip_prompt=True)
+    assert install(b"fab one", skip_prompt=True) == first and installs == [b"fab one"]  # not unpacked again
+    second = install(b"fab two", skip_prompt=True)  # other bytes: Flower installs (and verifies) them
+    assert second != first and installs == [b"fab one", b"fab two"]
+    first.rmdir()  # an install directory that has gone is installed again, not trusted from the marker
+    assert install(b"fab one", skip_prompt=True) != first and len(installs) == 3
+    fp.install_fab_once()  # installing the patch twice wraps once
+    assert run_clientapp.install_from_fab is install
