@@ -9,7 +9,9 @@ process start-up per message in deployment, polling, serialisation). ``--modes``
 
 * ``sim``: ``flower-simulation`` (Ray), users live in trainer actors;
 * ``trainer``: ``ppflower-supernode`` with the user's long-lived trainer beside each SuperNode (the default);
-  its per-message phases (``PPFLOWER_WARM_PROFILE=1``) are written to ``--phases-out``;
+  its per-message phases (``PPFLOWER_WARM_PROFILE=1``) are written to ``--phases-out``; with ``--trace`` its
+  round is split into the legs of the critical user's path, from a timeline that every process of the deployment
+  writes (benchmarks/round_trace/sitecustomize.py);
 * ``context``: ``ppflower-supernode`` with ``PPFLOWER_USER_TRAINER=0``: state in ``context.state`` per message;
 * ``plain``: Flower's own ``flower-supernode`` (also state in ``context.state``).
 """
@@ -44,6 +46,54 @@ def summarise(run: dict, mode: str, wall: float) -> dict:
             "messaging_per_round": messaging, "wall_seconds_whole_run": wall}
 
 
+LEGS = ("message reaches the node", "ClientApp process starts", "ClientApp pulls the message",
+        "app loads, relays to the trainer", "user compute (trainer)", "reply to the node", "node pushes to SuperLink",
+        "provider pulls the reply", "psi and bookkeeping")
+
+
+def round_legs(trace: Path, train_rounds: int) -> dict:
+    """Median seconds of each leg of a steady training round along the critical user's path (the user whose reply
+    the provider got last), from the timeline in ``trace``; the legs add up to the round (push to next push)."""
+    events = sorted((float(t), node, ev) for t, node, ev in (line.split() for line in trace.read_text().splitlines()))
+    pushes = [t for t, _, ev in events if ev == "provider.push+"]
+    nodes = sorted({node for _, node, _ in events if node != "-"})
+    rounds = []
+    for start, end in zip(pushes, pushes[1:]):
+        window = [(t, node, ev) for t, node, ev in events if start <= t < end]
+        marks = {}
+        for node in nodes:
+            mine = [(t, ev) for t, n, ev in window if n == node]
+
+            def first(event, after):
+                return next((t for t, ev in mine if ev == event and t >= after), None)
+
+            m = {"arrive": first("node.pull-", start)}
+            for key, event in (("main", "clientapp.main+"), ("pulled", "clientapp.pull-"), ("call", "trainer.call+"),
+                               ("called", "trainer.call-"), ("pushed", "clientapp.push-"), ("sent", "node.push-")):
+                previous = list(m.values())[-1]
+                m[key] = None if previous is None else first(event, previous)
+            if m["sent"] is not None:
+                m["got"] = next((t for t, n, ev in window if ev == "provider.pull-" and t >= m["sent"]), None)
+            if None in m.values() or "got" not in m:
+                break
+            marks[node] = m
+        if len(marks) == len(nodes):
+            rounds.append((start, end, marks))
+    steady = rounds[:train_rounds][WARMUP:]
+    if not steady:
+        raise SystemExit(f"{trace}: no complete training round in the timeline")
+    per_leg: dict[str, list[float]] = {leg: [] for leg in LEGS}
+    for start, end, marks in steady:
+        m = max(marks.values(), key=lambda m: m["got"])
+        last_pull = max(mk["got"] for mk in marks.values())
+        for leg, a, b in zip(LEGS, [start, m["arrive"], m["main"], m["pulled"], m["call"], m["called"], m["pushed"],
+                                    m["sent"], last_pull], [m["arrive"], m["main"], m["pulled"], m["call"], m["called"],
+                                                            m["pushed"], m["sent"], m["got"], end]):
+            per_leg[leg].append(b - a)
+    return {"rounds": len(steady), "legs_median_seconds": {k: statistics.median(v) for k, v in per_leg.items()},
+            "round_median_seconds": statistics.median(end - start for start, end, _ in steady)}
+
+
 def run_config(args, classifier: str, run_dir: Path) -> dict:
     return {"classifier": classifier, "run-dir": str(run_dir), "epochs": 1, "batch-size": args.batch_size,
             "unet-base": args.unet_base, "limit-train": args.users * args.batch_size * args.steps,
@@ -72,10 +122,21 @@ def bench_deployment(args, classifier: str, mode: str) -> dict:
     os.environ["PPFLOWER_WARM_PROFILE"] = "1" if mode == "trainer" and args.phases_out else "0"
     work = Path(tempfile.mkdtemp(prefix="bench-dep-"))
     run_dir = work / "provider"
+    trace = work / "trace.txt" if args.trace and mode == "trainer" else None
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "PPF_TRACE")}
+    if trace:  # read by the deployment's processes (LocalDeployment copies this environment), not by this one
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent / "round_trace"),
+                                                                 saved["PYTHONPATH"]]))
+        os.environ["PPF_TRACE"] = str(trace)
     t0 = time.perf_counter()
     with LocalDeployment(work, users=args.users, secure=True, fast_supernode=fast) as dep:
         rc = dep.run_app(run_config(args, classifier, run_dir), timeout=1800)
         node_log = dep.logtext("supernode-0")
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
     if rc != 0:
         raise SystemExit(f"deployment run failed; see {work}")
     label = {"trainer": "ppflower-supernode, live user trainer",
@@ -83,6 +144,9 @@ def bench_deployment(args, classifier: str, mode: str) -> dict:
              "plain": "flower-supernode (state in context.state)"}[mode]
     result = summarise(json.loads((run_dir / "run.json").read_text()), f"deployment, TLS + auth, {label}",
                        time.perf_counter() - t0)
+    if trace:
+        result["trace"] = round_legs(trace, sum(1 for r in json.loads((run_dir / "run.json").read_text())["rounds"]
+                                                if r["images"] > 0))
     if mode == "trainer" and args.phases_out:
         phases: dict[str, list[float]] = {}
         for line in node_log.splitlines():
@@ -117,6 +181,8 @@ def main() -> None:
     parser.add_argument("--modes", default="sim,trainer,context,plain", help="comma-separated: sim, trainer, "
                         "context, plain (see above)")
     parser.add_argument("--phases-out", type=Path, help="where the trainer row's per-message phase log goes")
+    parser.add_argument("--trace", action="store_true", help="split the trainer row's round into legs (timeline "
+                        "written by every process; adds a few ms per round)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     import flwr
@@ -130,6 +196,9 @@ def main() -> None:
               f"  (user {r['user_compute_critical_per_round']:.2f}"
               f" + provider {r['provider_compute_per_round']:.2f} + messaging {r['messaging_per_round']:.2f})"
               f"  whole run {r['wall_seconds_whole_run']:.0f} s", flush=True)
+        if "trace" in r:
+            print("  critical path of a round (median s): " + ", ".join(
+                f"{k} {v:.3f}" for k, v in r["trace"]["legs_median_seconds"].items()), flush=True)
         if "phases_median_seconds" in r:
             print("  per-message phases (median s): " + ", ".join(f"{k} {v:.3f}" for k, v in
                                                                   r["phases_median_seconds"].items()), flush=True)
