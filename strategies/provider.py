@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +33,33 @@ from pp_flower.progress import Bar
 from pp_flower.transform import provider_cut_gradients, steps_per_epoch
 
 log = logging.getLogger("pp_flower.provider")
+
+
+def write_run_summary(path: Path, summary: dict) -> None:
+    """Write ``run.json``: this run's summary, with every earlier run into the same run dir under "earlier-runs".
+
+    A rerun resumes (and a rerun of a finished run trains nothing): its rounds and curves are only its own, so the
+    summaries of the runs before it are kept, oldest first, instead of being overwritten. An earlier run.json that
+    cannot be read is moved aside (``run.json.unreadable-N``), never lost. Written whole or not at all.
+    """
+    earlier: list = []
+    if path.exists():
+        try:
+            before = json.loads(path.read_text())
+            if not isinstance(before, dict):
+                raise ValueError("not a JSON object")
+            earlier = [*before.pop("earlier-runs", []), before]
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            n = 1
+            while path.with_name(f"{path.name}.unreadable-{n}").exists():
+                n += 1
+            aside = path.with_name(f"{path.name}.unreadable-{n}")
+            os.replace(path, aside)
+            log.warning("the earlier %s could not be read (%s); kept as %s", path.name, exc, aside.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps({**summary, "earlier-runs": earlier}, indent=2))
+    os.replace(tmp, path)
 
 MessageLog = Callable[[str, Message], None]  # ("to-user" | "to-provider", message)
 
@@ -280,9 +308,7 @@ class ProviderStrategy(Strategy):
                 self.timing.train_seconds += time.perf_counter() - t0
                 self._validate(grid, epoch)
         self._test(grid)
-        out = Path(self.cfg.run_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "run.json").write_text(json.dumps(self.run_summary(time.time() - started), indent=2))
+        write_run_summary(Path(self.cfg.run_dir) / "run.json", self.run_summary(time.time() - started))
         return self.result
 
     def _train_round(self, grid: Grid, end: int) -> bool:

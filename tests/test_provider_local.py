@@ -167,3 +167,24 @@ def test_grad_noise_scales_with_each_gradient(tmp_path, classifier_ckpt):
     assert torch.allclose(ratio, torch.full_like(ratio, 0.5), rtol=0.05)  # ‖noise‖ ≈ 0.5·‖g‖ for every image
     provider.cfg = AppConfig()
     assert provider._perturb(g) is g
+
+
+def test_a_rerun_keeps_the_earlier_runs_summary_instead_of_overwriting_it(tmp_path, classifier_ckpt, task_identity):
+    first, _, _ = _run(tmp_path, classifier_ckpt, "run")
+    assert first["earlier-runs"] == [] and first["rounds"] and first["users"][0]["train-class-loss-curve"]
+    again, _, _ = _run(tmp_path, classifier_ckpt, "run")  # a finished run, rerun: it resumes and trains nothing
+    assert again["rounds"] == [] and again["users"][0]["train-class-loss-curve"] == []
+    assert again["earlier-runs"] == [{k: v for k, v in first.items() if k != "earlier-runs"}]
+    assert again["users"][0]["test"]["test-accuracy"] == pytest.approx(first["users"][0]["test"]["test-accuracy"])
+
+
+def test_an_unreadable_earlier_run_json_is_kept_aside(tmp_path):
+    from strategies.provider import write_run_summary
+
+    path = tmp_path / "run.json"
+    path.write_text('{"rounds": [')  # cut short by a full disk, say
+    write_run_summary(path, {"rounds": [1]})
+    write_run_summary(path, {"rounds": [2]})
+    assert (tmp_path / "run.json.unreadable-1").read_text() == '{"rounds": ['
+    assert json.loads(path.read_text()) == {"rounds": [2], "earlier-runs": [{"rounds": [1]}]}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json", "run.json.unreadable-1"]
