@@ -54,7 +54,8 @@ LEGS = ("message reaches the node", "ClientApp process starts", "ClientApp pulls
 def round_legs(trace: Path, train_rounds: int) -> dict:
     """Median seconds of each leg of a steady training round along the critical user's path (the user whose reply
     the provider got last), from the timeline in ``trace``; the legs add up to the round (push to next push)."""
-    events = sorted((float(t), node, ev) for t, node, ev in (line.split() for line in trace.read_text().splitlines()))
+    events = sorted((float(t), node, ev) for t, node, ev in (line.split() for line in trace.read_text().splitlines()
+                                                              if len(line.split()) == 3))
     pushes = [t for t, _, ev in events if ev == "provider.push+"]
     nodes = sorted({node for _, node, _ in events if node != "-"})
     rounds = []
@@ -91,7 +92,25 @@ def round_legs(trace: Path, train_rounds: int) -> dict:
                                                             m["pushed"], m["sent"], m["got"], end]):
             per_leg[leg].append(b - a)
     return {"rounds": len(steady), "legs_median_seconds": {k: statistics.median(v) for k, v in per_leg.items()},
-            "round_median_seconds": statistics.median(end - start for start, end, _ in steady)}
+            "round_median_seconds": statistics.median(end - start for start, end, _ in steady),
+            **request_costs(trace, [(start, end) for start, end, _ in steady])}
+
+
+def request_costs(trace: Path, windows: list[tuple[float, float]]) -> dict:
+    """Flower's HTTP requests in the ``windows`` (steady rounds): how many per round of each kind, how long each
+    took as its client saw it, and how long the SuperLink's handler of that kind took (median seconds)."""
+    inside = lambda t: any(a <= t < b for a, b in windows)  # noqa: E731
+    seen: dict[tuple[str, str], list[float]] = {}
+    for line in trace.read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 5 and parts[2] in ("request", "handler") and inside(float(parts[0])):
+            seen.setdefault((parts[2], parts[3]), []).append(float(parts[4]))
+    per_round = lambda n: n / max(len(windows), 1)  # noqa: E731
+    return {"requests_per_round": {k: per_round(len(v)) for (kind, k), v in sorted(seen.items()) if kind == "request"},
+            "request_median_seconds": {k: statistics.median(v) for (kind, k), v in sorted(seen.items())
+                                       if kind == "request"},
+            "superlink_handler_median_seconds": {k: statistics.median(v) for (kind, k), v in sorted(seen.items())
+                                                 if kind == "handler"}}
 
 
 def run_config(args, classifier: str, run_dir: Path) -> dict:
@@ -197,8 +216,14 @@ def main() -> None:
               f" + provider {r['provider_compute_per_round']:.2f} + messaging {r['messaging_per_round']:.2f})"
               f"  whole run {r['wall_seconds_whole_run']:.0f} s", flush=True)
         if "trace" in r:
+            t = r["trace"]
             print("  critical path of a round (median s): " + ", ".join(
-                f"{k} {v:.3f}" for k, v in r["trace"]["legs_median_seconds"].items()), flush=True)
+                f"{k} {v:.3f}" for k, v in t["legs_median_seconds"].items()), flush=True)
+            print(f"  HTTP requests per round {sum(t['requests_per_round'].values()):.0f}: " + ", ".join(
+                f"{k} {n:.1f} × {1000 * t['request_median_seconds'][k]:.1f} ms"
+                for k, n in t["requests_per_round"].items()), flush=True)
+            print("  SuperLink handlers (median ms): " + ", ".join(
+                f"{k} {1000 * v:.2f}" for k, v in t["superlink_handler_median_seconds"].items()), flush=True)
         if "phases_median_seconds" in r:
             print("  per-message phases (median s): " + ", ".join(f"{k} {v:.3f}" for k, v in
                                                                   r["phases_median_seconds"].items()), flush=True)

@@ -6,7 +6,10 @@ happens unless ``PPF_TRACE`` names a file: then the functions below are wrapped 
 and each call appends "<time.time()> <node> <event>+" on entry and "-" on return (one ``O_APPEND`` write per line,
 so the processes' lines do not mix). ``<node>`` is the pid of the SuperNode a process descends from (the trainer,
 SuperExec and ClientApps inherit it), or "-" for the provider's side. The wrapped calls are where a message
-changes hands; ``round_trace.legs`` turns them into the parts of a round.
+changes hands; ``bench_deployment.round_legs`` turns them into the parts of a round. Every HTTP request that a
+Flower client makes (``ProtobufClient._unary_unary``: SuperNode → SuperLink, ClientApp → SuperNode, ServerApp →
+SuperLink) and every SuperLink handler adds one line "<time> <node> request|handler <name> <seconds>", which
+``bench_deployment.request_costs`` sums up.
 """
 
 import importlib.abc
@@ -28,6 +31,14 @@ _TARGETS = {
                                              ("push_message", "clientapp.push")],
     "pp_flower.user": [("UserTrainer.call", "trainer.call")],
 }
+# module -> [(function, name)]: calls whose duration is written as one line
+_COSTS = {
+    "flwr.supercore.protobuf.client": [("ProtobufClient._unary_unary", "request")],
+    "flwr.superlink.servicer.fleet.fleet_handlers": [(f, "handler") for f in (
+        "pull_messages", "push_messages", "pull_object", "push_object", "confirm_message_received")],
+    "flwr.superlink.servicer.runtime.runtime_handlers": [(f, "handler") for f in (
+        "pull_messages", "push_messages", "pull_object", "push_object", "confirm_message_received")],
+}
 
 
 def _write(event: str) -> None:
@@ -36,6 +47,21 @@ def _write(event: str) -> None:
         os.write(fd, f"{time.time():.6f} {os.environ.get('PPF_TRACE_NODE', '-')} {event}\n".encode())
     finally:
         os.close(fd)
+
+
+def _wrap_cost(owner, name: str, kind: str, module: str) -> None:
+    fn = getattr(owner, name)
+    side = "fleet" if ".fleet." in module else "runtime"
+
+    def timed(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            what = kwargs.get("rpc_method", "?").rsplit("/", 1)[-1] if kind == "request" else f"{side}.{name}"
+            _write(f"{kind} {what} {time.perf_counter() - t0:.6f}")
+
+    setattr(owner, name, timed)
 
 
 def _wrap(owner, name: str, event: str) -> None:
@@ -54,7 +80,7 @@ def _wrap(owner, name: str, event: str) -> None:
 
 class _Hook(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path, target=None):
-        if fullname not in _TARGETS:
+        if fullname not in _TARGETS and fullname not in _COSTS:
             return None
         sys.meta_path.remove(self)
         try:
@@ -67,12 +93,15 @@ class _Hook(importlib.abc.MetaPathFinder):
 
         def exec_and_wrap(module):
             exec_module(module)
-            for attr, event in _TARGETS[fullname]:
+            for attr, event in [*_TARGETS.get(fullname, []), *_COSTS.get(fullname, [])]:
                 owner = module
                 *parents, name = attr.split(".")
                 for parent in parents:
                     owner = getattr(owner, parent)
-                _wrap(owner, name, event)
+                if fullname in _COSTS:
+                    _wrap_cost(owner, name, event, fullname)
+                else:
+                    _wrap(owner, name, event)
 
         spec.loader.exec_module = exec_and_wrap
         return spec
