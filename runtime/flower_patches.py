@@ -366,17 +366,23 @@ def install_fab_once() -> None:
     Flower 1.42's ClientApp process calls ``install_from_fab(fab bytes)`` for every message: it extracts the whole
     archive into a temporary directory, checks the hashes of its files against its own list, and then, finding the
     app already installed, returns the installed directory untouched (≈ 17 ms of a 2-core box's CPU on each
-    message's critical path, BENCHMARKS.md). Here a successful install leaves a marker named by the SHA-256 of the
-    FAB's bytes (``$FLWR_HOME/apps/.ppflower-installed/<sha256>``, holding the installed path); the same bytes later
-    return that path at once. Byte-identical archives give the same extraction and the same verdict, and Flower
-    itself trusts an existing install directory without re-checking it, so nothing is trusted that Flower did not
-    already trust. Anything else (a new FAB, a path, a missing directory) goes to Flower's own install.
+    message's critical path, BENCHMARKS.md). Here a successful install by Flower leaves an empty marker named by
+    the SHA-256 of the FAB's bytes (``$FLWR_HOME/apps/.ppflower-installed/<sha256>``). The same bytes later return at
+    once, but only while the directory Flower installs them to (``apps/<publisher>.<name>.<version>.<hash>``, from
+    the FAB's own pyproject.toml, as Flower computes it) is still there. Byte-identical archives give the same
+    extraction and the same verdict, and Flower itself trusts an existing install directory without re-checking
+    it, so nothing is trusted that Flower did not already trust. Anything else goes to Flower's own install: a
+    new FAB, a path, a removed directory, a marker or cache that cannot be read or written (a read-only FLWR_HOME
+    just installs every time, as Flower does).
     """
     check_flower_version()
     import hashlib
-    from pathlib import Path
+    import io
+    import tomllib
+    import zipfile
 
-    from flwr.common.constant import APP_DIR
+    from flwr.common.config import get_metadata_from_config
+    from flwr.common.constant import APP_DIR, FAB_HASH_TRUNCATION
     from flwr.supercore.utils import get_flwr_home
     from flwr.supernode.runtime import run_clientapp
 
@@ -384,19 +390,35 @@ def install_fab_once() -> None:
     if getattr(install, "_ppflower_once", False):
         return
 
+    def installed_dir(fab_file: bytes, digest: str):
+        """Flower's install directory of these bytes, if Flower installed them here and it still exists."""
+        try:
+            apps = get_flwr_home() / APP_DIR
+            if not (apps / ".ppflower-installed" / digest).is_file():
+                return None
+            with zipfile.ZipFile(io.BytesIO(fab_file)) as archive:
+                config = tomllib.loads(archive.read("pyproject.toml").decode())
+            fab_id, version = get_metadata_from_config(config)
+            publisher, name = fab_id.split("/")
+            path = apps / f"{publisher}.{name}.{version}.{digest[:FAB_HASH_TRUNCATION]}"
+            return path if path.is_dir() else None
+        except Exception:  # noqa: BLE001 - a cache that cannot answer sends the FAB to Flower's own install
+            return None
+
     def install_from_fab(fab_file, *args, **kwargs):
         if not isinstance(fab_file, bytes) or args or kwargs.get("install_dir") is not None:
             return install(fab_file, *args, **kwargs)
-        marker = get_flwr_home() / APP_DIR / ".ppflower-installed" / hashlib.sha256(fab_file).hexdigest()
-        if marker.is_file():
-            path = Path(marker.read_text())
-            if path.is_dir():
-                return path
+        digest = hashlib.sha256(fab_file).hexdigest()
+        path = installed_dir(fab_file, digest)
+        if path is not None:
+            return path
         path = install(fab_file, *args, **kwargs)
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        partial = marker.with_name(f"{marker.name}.{os.getpid()}")  # whole or absent: concurrent tasks race here
-        partial.write_text(str(path))
-        os.replace(partial, marker)
+        try:
+            marker = get_flwr_home() / APP_DIR / ".ppflower-installed" / digest
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+        except OSError:  # no cache (e.g. a read-only FLWR_HOME): the next message installs again, as in Flower
+            pass
         return path
 
     install_from_fab._ppflower_once = True

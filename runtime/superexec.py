@@ -15,8 +15,9 @@ The template is single-threaded and never runs torch (no thread pools or CUDA co
 The template freezes its imported heap out of the garbage collector (``gc.freeze``: a child's collections would
 copy every page they touch), and a FAB is unpacked once per node, not per message (``install_fab_once``).
 ``PPFLOWER_WARM_PRELOAD`` lists the modules the template imports (comma-separated; default: torch, flwr's
-ClientApp runtime and httpcore, which httpx imports on first use); ``PPFLOWER_WARM_CLIENTAPP=0`` turns the template off; ``PPFLOWER_WARM_PROFILE=1`` logs
-how long each phase of every ClientApp process takes (BENCHMARKS.md).
+ClientApp runtime and httpcore, which httpx imports on first use); ``PPFLOWER_WARM_CLIENTAPP=0`` turns the
+template off; ``PPFLOWER_WARM_PROFILE=1`` logs how long each phase of every ClientApp process takes
+(BENCHMARKS.md).
 """
 
 from __future__ import annotations

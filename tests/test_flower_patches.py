@@ -112,26 +112,57 @@ def test_dispatch_finds_each_nodes_next_message_in_one_pass_as_flowers_per_node_
     assert fp._next_message_per_node(State(), {1, 2}) == [store["c"]]  # the next pass: node 1's next one
 
 
-def test_a_fab_is_unpacked_once_per_node_and_a_new_or_removed_one_goes_to_flower(tmp_path, monkeypatch):
+def _fab(extra: bytes = b"") -> bytes:
+    """A FAB as `flwr build` makes one: the app's pyproject.toml, one module and the .info/CONTENT hash list."""
+    import hashlib
+    import io
+    import zipfile
+    from pathlib import Path
+
+    files = {"pyproject.toml": (Path(__file__).resolve().parents[1] / "pyproject.toml").read_bytes(),
+             "sims/extra.py": b"X = 1\n" + extra}
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+        z.writestr(".info/CONTENT", "".join(f"{n},{hashlib.sha256(d).hexdigest()},{len(d)}\n"
+                                            for n, d in files.items()))
+    return out.getvalue()
+
+
+def test_a_fab_is_unpacked_once_per_node_and_anything_unusual_goes_to_flower(tmp_path, monkeypatch):
+    import shutil
+
     from flwr.supernode.runtime import run_clientapp
 
-    monkeypatch.setenv("FLWR_HOME", str(tmp_path))
+    home = tmp_path / "home"
+    monkeypatch.setenv("FLWR_HOME", str(home))
+    flower_install = run_clientapp.install_from_fab
     installs = []
 
-    def flower_install(fab_file, skip_prompt=False):  # stands in for Flower's (unpack, verify, copy)
+    def counted(fab_file, *args, **kwargs):  # Flower's own install (unpack, verify, copy), counted
         installs.append(fab_file)
-        path = tmp_path / "apps" / f"app.{len(installs)}"
-        path.mkdir(parents=True)
-        return path
+        return flower_install(fab_file, *args, **kwargs)
 
-    monkeypatch.setattr(run_clientapp, "install_from_fab", flower_install)
+    monkeypatch.setattr(run_clientapp, "install_from_fab", counted)
     fp.install_fab_once()
     install = run_clientapp.install_from_fab
-    first = install(b"fab one", skip_prompt=True)
-    assert install(b"fab one", skip_prompt=True) == first and installs == [b"fab one"]  # not unpacked again
-    second = install(b"fab two", skip_prompt=True)  # other bytes: Flower installs (and verifies) them
-    assert second != first and installs == [b"fab one", b"fab two"]
-    first.rmdir()  # an install directory that has gone is installed again, not trusted from the marker
-    assert install(b"fab one", skip_prompt=True) != first and len(installs) == 3
+    one, two = _fab(), _fab(b"Y = 2\n")
+    first = install(one, skip_prompt=True)
+    assert first.is_dir() and (first / "sims" / "extra.py").read_bytes() == b"X = 1\n"
+    assert install(one, skip_prompt=True) == first and len(installs) == 1  # not unpacked again
+    assert install(two, skip_prompt=True) != first and len(installs) == 2  # other bytes: Flower installs them
+    shutil.rmtree(first)  # the install directory went: installed again, not trusted from the marker
+    assert install(one, skip_prompt=True) == first and first.is_dir() and len(installs) == 3
+    moved = tmp_path / "moved"  # FLWR_HOME copied elsewhere with its markers, the app not: Flower installs
+    shutil.copytree(home / "apps" / ".ppflower-installed", moved / "apps" / ".ppflower-installed")
+    monkeypatch.setenv("FLWR_HOME", str(moved))
+    assert install(one, skip_prompt=True).is_relative_to(moved) and len(installs) == 4
+    monkeypatch.setenv("FLWR_HOME", str(home))
+    markers = home / "apps" / ".ppflower-installed"  # no place for markers (a read-only home, say): no cache,
+    shutil.rmtree(markers)  # every message installs through Flower, as without the patch, and nothing fails
+    markers.write_text("not a directory")
+    assert install(one, skip_prompt=True) == first and install(one, skip_prompt=True) == first
+    assert len(installs) == 6
     fp.install_fab_once()  # installing the patch twice wraps once
     assert run_clientapp.install_from_fab is install
