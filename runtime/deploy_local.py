@@ -430,6 +430,15 @@ def strip_ansi(text: str) -> str:
     return _ANSI.sub("", text)
 
 
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(inode, mtime in ns) of ``path``, None when it does not exist: run.json is replaced whole by each run."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
 def _deploy(users, workdir, run_dir, run_config, secure, log, timeout, stream) -> dict:
     with LocalDeployment(workdir, users, secure, node_out_dirs=False) as dep:
         log(f"SuperLink on 127.0.0.1:{dep.port} ({'TLS + SuperNode authentication' if secure else 'INSECURE'}), "
@@ -446,11 +455,12 @@ def _deploy(users, workdir, run_dir, run_config, secure, log, timeout, stream) -
                     log(f"[yellow]{name} exited (code {dep.processes[name].returncode}); the provider drops its "
                         f"user for the steps it misses — restart it to rejoin (see docs/deployment.md)[/]")
 
+        summary_file = run_dir / "run.json"
+        earlier = _identity(summary_file)  # a rerun into this workdir: the last run's run.json is there already
         rc = dep.run_app(run_config, timeout=timeout, on_line=stream, watchdog=watchdog)
         if rc != 0:
             raise PPFlowerError(f"`flwr run` exited with {rc}; see {workdir}/flwr-run.log")
-    summary_file = run_dir / "run.json"
-    if not summary_file.exists():
+    if _identity(summary_file) in (None, earlier):  # never report the last run's summary as this one's
         raise PPFlowerError(f"The run ended without writing {summary_file}; see {workdir}/flwr-run.log and "
                             f"{workdir}/superlink.log")
     summary = json.loads(summary_file.read_text())

@@ -40,26 +40,42 @@ def write_run_summary(path: Path, summary: dict) -> None:
 
     A rerun resumes (and a rerun of a finished run trains nothing): its rounds and curves are only its own, so the
     summaries of the runs before it are kept, oldest first, instead of being overwritten. An earlier run.json that
-    cannot be read is moved aside (``run.json.unreadable-N``), never lost. Written whole or not at all.
+    cannot be read as a JSON object is moved aside (``run.json.unreadable-N``), never lost; an "earlier-runs" that
+    is not a list stays, untouched, inside the record of the run that had it. Written whole or not at all; raises
+    PPFlowerError (one line) when the run dir cannot take it.
     """
-    earlier: list = []
-    if path.exists():
-        try:
-            before = json.loads(path.read_text())
-            if not isinstance(before, dict):
-                raise ValueError("not a JSON object")
-            earlier = [*before.pop("earlier-runs", []), before]
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            n = 1
-            while path.with_name(f"{path.name}.unreadable-{n}").exists():
-                n += 1
-            aside = path.with_name(f"{path.name}.unreadable-{n}")
-            os.replace(path, aside)
-            log.warning("the earlier %s could not be read (%s); kept as %s", path.name, exc, aside.name)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps({**summary, "earlier-runs": earlier}, indent=2))
-    os.replace(tmp, path)
+    try:
+        earlier: list = []
+        if path.exists() or path.is_symlink():
+            try:
+                before = json.loads(path.read_text())
+                if not isinstance(before, dict):
+                    raise ValueError("not a JSON object")
+                chain = before.get("earlier-runs")
+                if isinstance(chain, list):
+                    del before["earlier-runs"]
+                    earlier = [*chain, before]
+                else:
+                    earlier = [before]
+            except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+                n = 1
+                while os.path.lexists(path.with_name(f"{path.name}.unreadable-{n}")):
+                    n += 1
+                aside = path.with_name(f"{path.name}.unreadable-{n}")
+                os.replace(path, aside)
+                log.warning("the earlier %s could not be read (%s); kept as %s", path.name,
+                            str(exc).splitlines()[0][:200], aside.name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({**summary, "earlier-runs": earlier}, indent=2))
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # (no directory to hold it either)
+            pass
+        raise PPFlowerError(f"cannot write the run summary {path}: {exc.strerror or exc}") from None
+
 
 MessageLog = Callable[[str, Message], None]  # ("to-user" | "to-provider", message)
 

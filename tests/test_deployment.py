@@ -250,3 +250,41 @@ def test_hung_trainer_is_killed_and_restarted_by_its_supernode():
                 time.sleep(0.1)
     finally:
         sup.stop()
+
+
+def test_a_run_that_writes_no_new_run_json_is_an_error_not_the_last_runs_result(tmp_path, monkeypatch):
+    """deploy-local into a workdir that holds an earlier run's run.json: a run that ends without writing its own
+    (flwr run exited 0 but the ServerApp failed at the end) must not hand back the earlier summary as its result."""
+    from pp_flower.errors import PPFlowerError
+    from runtime import deploy_local
+
+    class FakeDeployment:  # the processes are not the point here: only what the run leaves in its run dir
+        port, processes = 0, {}
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def dead(self):
+            return []
+
+        def run_app(self, run_config, **kwargs):
+            if writes:
+                (run_dir / "run.json").write_text(json.dumps({"run": "this one"}))
+            return 0
+
+    monkeypatch.setattr(deploy_local, "LocalDeployment", FakeDeployment)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "run.json").write_text(json.dumps({"run": "the last one"}))
+    deploy = lambda: deploy_local._deploy(2, tmp_path, run_dir, {}, True, lambda *a: None, 60, print)  # noqa: E731
+    writes = False
+    with pytest.raises(PPFlowerError, match="without writing"):
+        deploy()
+    writes = True
+    assert deploy()["run"] == {"run": "this one"}

@@ -178,6 +178,27 @@ def test_a_rerun_keeps_the_earlier_runs_summary_instead_of_overwriting_it(tmp_pa
     assert again["users"][0]["test"]["test-accuracy"] == pytest.approx(first["users"][0]["test"]["test-accuracy"])
 
 
+@pytest.mark.parametrize("chain", ["abc", {"a": 1}, None, 5])
+def test_an_odd_earlier_runs_entry_is_kept_as_it_was(tmp_path, chain):
+    from strategies.provider import write_run_summary
+
+    path = tmp_path / "run.json"
+    before = {"rounds": [1], "earlier-runs": chain}
+    path.write_text(json.dumps(before))
+    write_run_summary(path, {"rounds": [2]})
+    assert json.loads(path.read_text()) == {"rounds": [2], "earlier-runs": [before]}
+
+
+def test_a_run_summary_that_cannot_be_written_is_one_error_and_leaves_nothing_behind(tmp_path):
+    from pp_flower.errors import PPFlowerError
+    from strategies.provider import write_run_summary
+
+    (tmp_path / "run-dir").write_text("a file where the run dir should be")
+    with pytest.raises(PPFlowerError, match="cannot write the run summary"):
+        write_run_summary(tmp_path / "run-dir" / "run.json", {"rounds": [1]})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run-dir"]
+
+
 def test_an_unreadable_earlier_run_json_is_kept_aside(tmp_path):
     from strategies.provider import write_run_summary
 
@@ -187,4 +208,8 @@ def test_an_unreadable_earlier_run_json_is_kept_aside(tmp_path):
     write_run_summary(path, {"rounds": [2]})
     assert (tmp_path / "run.json.unreadable-1").read_text() == '{"rounds": ['
     assert json.loads(path.read_text()) == {"rounds": [2], "earlier-runs": [{"rounds": [1]}]}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json", "run.json.unreadable-1"]
+    deep = '{"a": ' + "[" * 100_000 + "]" * 100_000 + "}"  # valid JSON, but deeper than Python's decoder goes
+    path.write_text(deep)
+    write_run_summary(path, {"rounds": [3]})
+    assert (tmp_path / "run.json.unreadable-2").read_text() == deep
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json", "run.json.unreadable-1", "run.json.unreadable-2"]
