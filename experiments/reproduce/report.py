@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 def portable(text: str, root: Path = REPO) -> str:
     """``text`` with this checkout's absolute paths made relative to the repo (its parent as ``..``): results
     carry provenance, not one machine's directory layout. Only whole paths are rewritten: with the repo at
-    /work/main, /tmp/work/psi stays as it is (a plain substring replace made it "/tmp../psi")."""
+    ``/srv/repo``, ``/tmp/srv/psi`` stays as it is (a plain substring replace made it "/tmp../psi")."""
     for prefix, repl in ((f"{root}{os.sep}", ""), (f"{root.parent}{os.sep}", f"..{os.sep}")):
         text = re.sub(r"(?<![\w.~/-])" + re.escape(prefix), lambda _, r=repl: r, text)
     return text
